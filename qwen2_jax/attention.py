@@ -1,0 +1,60 @@
+"""Grouped-query self-attention with q/k/v bias (no o_proj bias) and rotary embeddings."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.layers import Dtype, Linear
+from qwen2_jax.rope import apply_rope
+
+# Finite, so a query with no visible key (a padding row) gets uniform weights, never NaN.
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                          mask: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention with query heads grouped onto their kv head; softmax in float32.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool [B, T, S]. Query head n uses kv head
+    n // (N / K), as transformers' `repeat_kv`. Returns [B, T, N, H] in v's dtype.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
+                        preferred_element_type=jnp.float32) * h**-0.5  # [B, K, G, T, S]
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+    config: Qwen2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
+                 mask: jnp.ndarray) -> jnp.ndarray:
+        """x: [B, T, D]; cos, sin: [B, T, H]; mask: bool [B, T, S]. Returns [B, T, D]."""
+        c = self.config
+        n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
+
+        def linear(features, axes, name, use_bias=True):
+            return Linear(features, axes, c.initializer_range, use_bias=use_bias,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        q = linear((n, h), ("embed", "heads", "head_dim"), "q_proj")(x)  # [B, T, N, H]
+        key = linear((k, h), ("embed", "kv_heads", "head_dim"), "k_proj")(x)  # [B, T, K, H]
+        value = linear((k, h), ("embed", "kv_heads", "head_dim"), "v_proj")(x)  # [B, T, K, H]
+        q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
+        out = dot_product_attention(q, key, value, mask)  # [B, T, N, H]
+        return linear((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
+                      use_bias=False)(out)  # [B, T, D]

@@ -1,0 +1,106 @@
+"""Building blocks shared by the decoder layers: parameters with logical axes, RMSNorm, SwiGLU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def logical_param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
+                  axes: tuple[str, ...], dtype: Dtype) -> jnp.ndarray:
+    """A parameter whose every dimension carries a logical axis name (see sharding rules)."""
+    assert len(axes) == len(shape), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
+
+
+class RMSNorm(nn.Module):
+    """`scale * (x32 * rsqrt(mean(x32^2) + eps)).astype(x.dtype)`: statistics in float32."""
+
+    eps: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:  # [..., D]
+        scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                              self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Embedding(nn.Module):
+    """A [V, D] table: looked up for input ids, or multiplied for logits (the lm_head)."""
+
+    vocab_size: int
+    hidden_size: int
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = logical_param(self, "embedding", nn.initializers.normal(self.init_std),
+                                       (self.vocab_size, self.hidden_size), ("vocab", "embed"),
+                                       self.param_dtype)
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:  # [B, T] -> [B, T, D]
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jnp.ndarray) -> jnp.ndarray:  # [B, T, D] -> float32 [B, T, V]
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Linear(nn.Module):
+    """`x @ kernel (+ bias)` over the trailing input dims of x; kernel is [*in, *features].
+
+    Storing the kernel split by head (q: [D, N, H], o: [N, H, D]) lets tensor parallelism over
+    heads be a sharding rule instead of a reshape.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of the kernel dims: input dims, then feature dims
+    init_std: float
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        n_in = len(self.axes) - len(self.features)
+        shape = (*x.shape[x.ndim - n_in:], *self.features)
+        kernel = logical_param(self, "kernel", nn.initializers.normal(self.init_std), shape,
+                               self.axes, self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = logical_param(self, "bias", nn.initializers.zeros, self.features,
+                                 self.axes[n_in:], self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class MLP(nn.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`, no biases."""
+
+    intermediate_size: int
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:  # [B, T, D]
+        def linear(features: int, axes: tuple[str, str], name: str) -> Linear:
+            return Linear((features,), axes, self.init_std, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
+
+        f, d = self.intermediate_size, x.shape[-1]
+        gate = linear(f, ("embed", "mlp"), "gate_proj")(x)  # [B, T, F]
+        up = linear(f, ("embed", "mlp"), "up_proj")(x)  # [B, T, F]
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return linear(d, ("mlp", "embed"), "down_proj")(hidden)  # [B, T, D]

@@ -1,0 +1,57 @@
+"""Shared helpers: tiny random Hugging Face Qwen2 checkpoints built and saved inside the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2Config as HFQwen2Config
+from transformers import Qwen2ForCausalLM
+
+torch.set_num_threads(2)
+
+# Prime-ish dims ease shape tracing and catch transposes that square dims would hide.
+TINY = dict(vocab_size=101, hidden_size=56, intermediate_size=76, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Every parameter random, biases and norm weights included.
+
+    transformers initializes biases to zero and norms to one, which would let a wrongly mapped
+    q/k/v bias or norm weight pass a parity test unnoticed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * std
+            p.copy_(1.0 + noise if "norm" in name else noise)
+
+
+def make_hf_model(folder, seed: int = 0, dtype=torch.float32, max_shard_size=None, **overrides):
+    """Builds, randomizes and saves a tiny Qwen2ForCausalLM; returns the float32 torch model."""
+    config = HFQwen2Config(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    randomize(model, seed)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    copy.deepcopy(model).to(dtype).save_pretrained(folder, **kwargs)
+    return model
+
+
+def hf_logits(model, ids, attention_mask=None, position_ids=None) -> np.ndarray:
+    def tensor(x):
+        return None if x is None else torch.as_tensor(np.asarray(x), dtype=torch.long)
+
+    with torch.no_grad():
+        out = model(tensor(ids), attention_mask=tensor(attention_mask),
+                    position_ids=tensor(position_ids))
+    return out.logits.float().numpy()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
