@@ -63,7 +63,7 @@ class Qwen2Config:
     intermediate_size: int = 22016
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
-    num_key_value_heads: int | None = None
+    num_key_value_heads: int | None = 32  # transformers' default; None means = heads
     head_dim: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768

@@ -60,6 +60,14 @@ def test_every_transformers_field_is_kept():
     assert hf_fields <= ours
 
 
+@pytest.mark.parametrize("dialect_key", ["rope_theta", "rope_parameters"])
+def test_defaults_equal_transformers(dialect_key):
+    """A config.json that omits every optional key means the same model here and there."""
+    minimal = {"model_type": "qwen2", "num_attention_heads": 64,
+               dialect_key: 10000.0 if dialect_key == "rope_theta" else {"rope_type": "default"}}
+    assert hf_view(Qwen2Config.from_hf(minimal).to_hf()) == hf_view(minimal)
+
+
 @pytest.mark.parametrize("use_sliding_window", [False, True])
 @pytest.mark.parametrize("max_window_layers", [0, 2, 5])
 @pytest.mark.parametrize("sliding_window", [None, 3])
