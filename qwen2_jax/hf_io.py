@@ -107,11 +107,13 @@ def read_hf_params(folder: str, config: Qwen2Config, dtype: np.dtype) -> dict:
         for key in rule.path[:-1]:
             node = node.setdefault(key, {})
         value = rule.to_ours(tensor).astype(dtype)
+        leaf = rule.path[-1]
         if rule.layer is None:
-            node[rule.path[-1]] = value
+            node[leaf] = value
         else:
-            stacked = node.setdefault(rule.path[-1], np.empty((num_layers, *rule.our_shape), dtype))
-            stacked[rule.layer] = value
+            if leaf not in node:  # allocate the stacked [L, ...] buffer once, at layer 0's turn
+                node[leaf] = np.empty((num_layers, *rule.our_shape), dtype)
+            node[leaf][rule.layer] = value
     return params
 
 

@@ -11,6 +11,7 @@ import pytest
 
 import qwen2_jax
 from qwen2_jax import PRESETS, Qwen2Config
+from qwen2_jax.api import _forward
 from qwen2_jax.convert.mapping import tensor_rules
 from qwen2_jax.masks import causal_mask, positions_from_mask, sliding_window_mask
 from qwen2_jax.model import REMAT_POLICIES
@@ -95,7 +96,6 @@ def test_scan_compiles_one_layer_body():
         config = dataclasses.replace(SMALL, num_hidden_layers=layers)
         params = jax.eval_shape(lambda: qwen2_jax.init(config, jax.random.key(0)))
         ids = jnp.zeros((1, 4), jnp.int32)
-        from qwen2_jax.api import _forward
         return _forward.lower(config, jnp.dtype(jnp.float32), "none", params, ids, ids + 1,
                               None, ids).as_text()
 
