@@ -27,6 +27,24 @@ class TensorRule:
     def to_ours(self, w: np.ndarray) -> np.ndarray:
         return (w.T if self.transpose else w).reshape(self.our_shape)
 
+    def hf_groups(self) -> list[tuple[int, ...]]:
+        """For each HF dim (in HF order), the consecutive dims of our shape it unflattens into.
+
+        q_proj: HF [N*H, D] -> ours [D, N, H] gives [(1, 2), (0,)].
+        """
+        hf_dims = self.hf_shape[::-1] if self.transpose else self.hf_shape
+        groups, d = [], 0
+        for size in hf_dims:
+            group, covered = [d], self.our_shape[d]
+            d += 1
+            while covered != size:
+                covered *= self.our_shape[d]
+                group.append(d)
+                d += 1
+            groups.append(tuple(group))
+        groups[-1] += tuple(range(d, len(self.our_shape)))  # trailing size-1 dims
+        return groups[::-1] if self.transpose else groups
+
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         if self.transpose:
             return x.reshape(self.hf_shape[::-1]).T

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
 
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.hf_io import read_hf_config, read_hf_params
 from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import REMAT_POLICIES, Qwen2ForCausalLM
+from qwen2_jax.sharding import mesh_of, named_sharding, resolve_rules, shard_input, use_mesh
+
+logger = logging.getLogger("qwen2_jax")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -32,47 +38,85 @@ def resolve_dtype(dtype: str | None, config: Qwen2Config) -> jnp.dtype:
     return jnp.dtype(DTYPES[str(dtype)])
 
 
-def load(path: str | os.PathLike, dtype: str | None = None, mesh=None) -> tuple[Qwen2Config, dict]:
+def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,
+         rules=None) -> tuple[Qwen2Config, dict]:
     """Reads a Hugging Face model folder into (config, params).
 
     path: a folder with config.json and *.safetensors (one file, or shards with
     model.safetensors.index.json). dtype: "float32" | "bfloat16" | "float16" | None (see
     `resolve_dtype`). Params are a plain nested dict of jax arrays (paths in `model.py`).
+    mesh: place every parameter already sharded by `rules` (see `sharding.resolve_rules`);
+    each process reads from disk only the slices its own devices hold. None: one device.
     """
-    if mesh is not None:
-        raise NotImplementedError("load(mesh=...) arrives with the sharding issue; pass mesh=None")
     folder = os.fspath(path)
     config = read_hf_config(folder)
-    params = read_hf_params(folder, config, np.dtype(resolve_dtype(dtype, config)))
-    return config, jax.tree.map(jnp.asarray, params)
+    shardings = _placement(config, mesh, rules)
+    start = time.perf_counter()
+    params, bytes_read = read_hf_params(folder, config, np.dtype(resolve_dtype(dtype, config)),
+                                        shardings)
+    logger.info("loaded %s: read %.1f MB in %.1f s", folder, bytes_read / 1e6,
+                time.perf_counter() - start)
+    return config, params
 
 
-def init(config: Qwen2Config, rng: jax.Array, dtype: str = "float32") -> dict:
-    """Randomly initialized params (normal(initializer_range) weights, zero biases, unit norms)."""
+def init(config: Qwen2Config, rng: jax.Array, dtype: str = "float32", mesh: Mesh | None = None,
+         rules=None) -> dict:
+    """Randomly initialized params (normal(initializer_range) weights, zero biases, unit norms).
+
+    With a mesh, each device computes only its own shards (jit with out_shardings); the values
+    equal the unsharded init's (JAX's partitionable threefry RNG).
+    """
     model = Qwen2ForCausalLM(config, param_dtype=DTYPES[dtype])
-    ids = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.jit(model.init)(rng, ids, ids, ids + 1, ids)
-    return nn.meta.unbox(variables["params"])
+
+    def init_params(rng):
+        ids = jnp.zeros((1, 1), jnp.int32)
+        return nn.meta.unbox(model.init(rng, ids, ids, ids + 1, ids)["params"])
+
+    return jax.jit(init_params, out_shardings=_placement(config, mesh, rules))(rng)
+
+
+def _abstract_params(config: Qwen2Config) -> dict:
+    """Params as shapes with their logical-axis boxes, without allocating."""
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(Qwen2ForCausalLM(config).init, jax.random.key(0), ids, ids, ids,
+                          ids)["params"]
 
 
 def param_logical_axes(config: Qwen2Config) -> dict:
     """The logical axis names of every parameter (same tree as the params), without allocating."""
-    model = Qwen2ForCausalLM(config)
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), ids, ids, ids, ids)["params"]
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(_abstract_params(config))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "remat"))
-def _forward(config, dtype, remat, params, input_ids, token_mask, positions, segment_ids):
+def param_shardings(config: Qwen2Config, mesh: Mesh, rules=None) -> dict:
+    """The NamedSharding of every parameter on `mesh` under `rules` (same tree as the params)."""
+    rules = resolve_rules(rules)
+    boxed = _abstract_params(config)
+    return jax.tree.map(lambda box: named_sharding(box.names, box.value.shape, mesh, rules),
+                        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _placement(config: Qwen2Config, mesh: Mesh | None, rules) -> dict:
+    """param_shardings, or every parameter on the first device when there is no mesh."""
+    if mesh is not None:
+        return param_shardings(config, mesh, rules)
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: device, param_logical_axes(config),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "remat", "mesh", "rules"))
+def _forward(config, dtype, remat, mesh, rules, params, input_ids, token_mask, positions,
+             segment_ids):
     if positions is None:
         positions = positions_from_mask(token_mask, segment_ids)
     model = Qwen2ForCausalLM(config, dtype=dtype, remat=remat)
-    return model.apply({"params": params}, input_ids, positions, token_mask, segment_ids)
+    with use_mesh(mesh, rules):
+        return model.apply({"params": params}, input_ids, positions, token_mask, segment_ids)
 
 
 def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *,
-            position_ids=None, segment_ids=None, dtype=None, remat: str = "none") -> jax.Array:
+            position_ids=None, segment_ids=None, dtype=None, remat: str = "none",
+            mesh: Mesh | None = None, rules=None) -> jax.Array:
     """Float32 logits [B, T, V] for int input_ids [B, T].
 
     attention_mask [B, T]: 1 = real token, 0 = padding (left or right), as in transformers.
@@ -80,8 +124,13 @@ def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *
     [B, T]: default counts real tokens, restarting per segment, so a padded or packed example
     gives the logits it gives alone. dtype: compute dtype (default: the params' dtype).
     remat: one of REMAT_POLICIES (what the backward pass recomputes; no effect on values).
+    mesh, rules: where activations go (default: the mesh the params live on, default rules);
+    inputs may be host arrays every process holds in full. Logits come back sharded over
+    batch (and vocab) on the mesh.
     """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
+    mesh = mesh if mesh is not None else mesh_of(params)
+    rules = resolve_rules(rules)
+    input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
     if remat not in REMAT_POLICIES:
@@ -90,13 +139,18 @@ def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *
     def as_ids(x, default, name):
         if x is None:
             return default
-        x = jnp.asarray(x, jnp.int32)
+        x = np.asarray(x, np.int32)
         if x.shape != input_ids.shape:
             raise ValueError(f"{name} has shape {x.shape}; expected {input_ids.shape} like input_ids")
         return x
 
-    token_mask = as_ids(attention_mask, jnp.ones_like(input_ids), "attention_mask")
-    segment_ids = as_ids(segment_ids, jnp.zeros_like(input_ids), "segment_ids")
+    token_mask = as_ids(attention_mask, np.ones(input_ids.shape, np.int32), "attention_mask")
+    segment_ids = as_ids(segment_ids, np.zeros(input_ids.shape, np.int32), "segment_ids")
     positions = as_ids(position_ids, None, "position_ids")
+    if mesh is not None:
+        input_ids, token_mask, segment_ids, positions = (
+            None if x is None else shard_input(x, mesh, ("batch", "length"), rules)
+            for x in (input_ids, token_mask, segment_ids, positions))
     dtype = jnp.dtype(dtype) if dtype is not None else params["embed_tokens"]["embedding"].dtype
-    return _forward(config, dtype, remat, params, input_ids, token_mask, positions, segment_ids)
+    return _forward(config, dtype, remat, mesh, rules, params, input_ids, token_mask, positions,
+                    segment_ids)

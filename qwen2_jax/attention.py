@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import Dtype, Linear
 from qwen2_jax.rope import apply_rope
+from qwen2_jax.sharding import constrain
 
 # Finite, so a query with no visible key (a padding row) gets uniform weights, never NaN.
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -52,9 +53,9 @@ class Attention(nn.Module):
         key = linear((k, h), ("embed", "kv_heads", "head_dim"), "k_proj")(x)  # [B, T, K, H]
         value = linear((k, h), ("embed", "kv_heads", "head_dim"), "v_proj")(x)  # [B, T, K, H]
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
-        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
+        value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
         out = dot_product_attention(q, key, value, mask)  # [B, T, N, H]
         return linear((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
                       use_bias=False)(out)  # [B, T, D]

@@ -19,14 +19,20 @@ DEMO_CONFIG = dict(vocab_size=151, hidden_size=56, intermediate_size=148, num_hi
                    use_sliding_window=True, sliding_window=8, max_window_layers=3)
 
 
-def run(seed: int = 0, out: str | None = None, tolerance: float = 1e-4) -> dict:
-    """Builds, saves, loads and compares; returns the JSON-able report."""
+def run(seed: int = 0, out: str | None = None, tolerance: float = 1e-4, mesh=None,
+        rules=None) -> dict:
+    """Builds, saves, loads (sharded over `mesh` when given) and compares; returns the report.
+
+    Every process of a multi-process job builds the same model from the seed and compares
+    the gathered logits.
+    """
     try:
         import torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
     except ImportError as e:
         raise SystemExit(f"the demo needs torch and transformers (pip install -e '.[test]'): {e}") from e
     import qwen2_jax
+    from qwen2_jax.sharding import to_host
 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**DEMO_CONFIG)).eval()
@@ -42,10 +48,10 @@ def run(seed: int = 0, out: str | None = None, tolerance: float = 1e-4) -> dict:
         folder = out or tmp
         model.save_pretrained(folder)
         start = time.perf_counter()
-        config, params = qwen2_jax.load(folder)
+        config, params = qwen2_jax.load(folder, mesh=mesh, rules=rules)
         load_s = time.perf_counter() - start
         start = time.perf_counter()
-        ours = np.asarray(qwen2_jax.forward(config, params, ids, mask))
+        ours = to_host(qwen2_jax.forward(config, params, ids, mask, rules=rules))
         forward_s = time.perf_counter() - start
 
     diffs = []
@@ -57,10 +63,14 @@ def run(seed: int = 0, out: str | None = None, tolerance: float = 1e-4) -> dict:
             "batch_lengths": lengths, "max_abs_logit_diff": max(diffs),
             "max_abs_logit": float(np.abs(ours).max()), "tolerance": tolerance,
             "ok": max(diffs) <= tolerance, "load_s": round(load_s, 3),
-            "first_forward_s": round(forward_s, 3), "checkpoint": out}
+            "first_forward_s": round(forward_s, 3), "checkpoint": out,
+            "mesh": None if mesh is None else dict(mesh.shape)}
 
 
 def main(args) -> int:
-    report = run(args.seed, args.out)
+    from qwen2_jax.cli import mesh_from_args
+
+    mesh, rules = mesh_from_args(args)
+    report = run(args.seed, args.out, mesh=mesh, rules=rules)
     print(json.dumps(report))
     return 0 if report["ok"] else 1

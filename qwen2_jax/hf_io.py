@@ -1,6 +1,7 @@
 """Reading a Hugging Face model folder (config.json + safetensors) into our parameter pytree.
 
-No PyTorch: safetensors' numpy backend memory-maps the files (bfloat16 through ml_dtypes).
+No PyTorch: `SafetensorsFile` maps just the byte ranges a read needs (bfloat16 through
+ml_dtypes).
 Every tensor is checked against the name table before any data is read, so a wrong
 checkpoint fails in milliseconds with the tensor's name, file and the expected shape.
 """
@@ -8,15 +9,16 @@ checkpoint fails in milliseconds with the tensor's name, file and the expected s
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
-from collections.abc import Iterator
-from contextlib import ExitStack
 
+import jax
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from qwen2_jax.config import ConfigError, Qwen2Config
 from qwen2_jax.convert.mapping import TensorRule, is_ignorable, tensor_rules
+from qwen2_jax.safetensors_file import SafetensorsFile, SafetensorsFormatError
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -45,11 +47,13 @@ def safetensors_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
-def _open(path: str, stack: ExitStack):
+def _open(path: str) -> SafetensorsFile:
     try:
-        return stack.enter_context(safe_open(path, framework="numpy"))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        return SafetensorsFile(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    except SafetensorsFormatError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _listing(names: list[str], limit: int = 8) -> str:
@@ -57,64 +61,134 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def iter_hf_tensors(folder: str, config: Qwen2Config) -> Iterator[tuple[TensorRule, np.ndarray]]:
-    """Yields (rule, HF tensor as numpy) for every rule of the config, checked first.
+class HFCheckpoint:
+    """An open model folder whose tensor names and shapes were checked against the config.
 
+    `read(rule, index)` returns one slice of one tensor, in our layout, reading from disk only
+    the rows (and columns) that slice needs; `bytes_read` counts them.
     Raises CheckpointError for a missing, unexpected, duplicated or misshapen tensor, or an
-    unreadable file. Tensors are read lazily, one at a time.
+    unreadable file, before any data is read.
     """
-    rules = tensor_rules(config)
-    with ExitStack() as stack:
-        where: dict[str, tuple[str, object]] = {}
-        for path in safetensors_files(folder):
-            handle = _open(path, stack)
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+
+    def __init__(self, folder: str, config: Qwen2Config):
+        self.folder = folder
+        self.rules = tensor_rules(config)
+        self.bytes_read = 0
+        self._where = self._check(config)
+
+    def _check(self, config: Qwen2Config) -> dict[str, SafetensorsFile]:
+        where: dict[str, SafetensorsFile] = {}
+        for path in safetensors_files(self.folder):
+            handle = _open(path)
+            for name in handle.tensors:
                 if name in where:
-                    raise CheckpointError(f"tensor {name} is in both {where[name][0]} and {path}")
-                where[name] = (path, handle)
-        expected = {r.hf_name for r in rules}
-        missing = [r.hf_name for r in rules if r.hf_name not in where]
+                    raise CheckpointError(f"tensor {name} is in both {where[name].path} and "
+                                          f"{path}")
+                where[name] = handle
+        expected = {r.hf_name for r in self.rules}
+        missing = [r.hf_name for r in self.rules if r.hf_name not in where]
         if missing:
-            raise CheckpointError(f"{folder}: missing tensors: {_listing(missing)}")
+            raise CheckpointError(f"{self.folder}: missing tensors: {_listing(missing)}")
         unexpected = sorted(n for n in where if n not in expected and not is_ignorable(n, config))
         if unexpected:
             raise CheckpointError(
-                f"{folder}: unexpected tensors (not part of a {config.model_type} model with this "
-                f"config): {_listing(unexpected)}"
+                f"{self.folder}: unexpected tensors (not part of a {config.model_type} model with "
+                f"this config): {_listing(unexpected)}"
             )
-        for r in rules:
-            path, handle = where[r.hf_name]
-            shape = tuple(handle.get_slice(r.hf_name).get_shape())
+        for r in self.rules:
+            shape = where[r.hf_name].shape(r.hf_name)
             if shape != r.hf_shape:
                 raise CheckpointError(
-                    f"tensor {r.hf_name} in {path} has shape {shape}; config expects "
+                    f"tensor {r.hf_name} in {where[r.hf_name].path} has shape {shape}; config expects "
                     f"{r.hf_shape} ({r.dims})"
                 )
-        for r in rules:
-            path, handle = where[r.hf_name]
-            try:
-                yield r, handle.get_tensor(r.hf_name)
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{path}: cannot read tensor {r.hf_name} ({e})") from e
+        return where
+
+    def read(self, rule: TensorRule, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """`rule.to_ours(tensor)[index]` (index: one slice per dim of our per-layer shape) as a
+        read-only view of the file: copy what you keep. Only the HF rows/columns that the
+        first sliced dim of each group covers are touched, and counted in `bytes_read`."""
+        handle = self._where[rule.hf_name]
+        groups = rule.hf_groups()  # our dims behind each HF dim, in HF order
+        index = tuple(index or ()) + (slice(None),) * (len(rule.our_shape) - len(index or ()))
+        bounds = [s.indices(n)[:2] for s, n in zip(index, rule.our_shape, strict=True)]
+        hf_index, block_shape = [], [0] * len(rule.our_shape)
+        for dims in groups:
+            inner = math.prod(rule.our_shape[d] for d in dims[1:])
+            start, stop = bounds[dims[0]]
+            hf_index.append(slice(start * inner, stop * inner))
+            block_shape[dims[0]] = stop - start
+            for d in dims[1:]:
+                block_shape[d] = rule.our_shape[d]
+        try:
+            block = handle.read(rule.hf_name, tuple(hf_index))
+        except OSError as e:
+            raise CheckpointError(f"{handle.path}: cannot read tensor {rule.hf_name} ({e})") from e
+        self.bytes_read += block.nbytes
+        block = (block.T if rule.transpose else block).reshape(block_shape)
+        inner_index = tuple(slice(None) if d in [g[0] for g in groups]
+                            else slice(*bounds[d]) for d in range(len(block_shape)))
+        return block[inner_index]
 
 
-def read_hf_params(folder: str, config: Qwen2Config, dtype: np.dtype) -> dict:
-    """The parameter pytree of numpy arrays in `dtype`, layers stacked on a leading axis."""
+def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized array in fresh anonymous memory, page-aligned and backed by huge pages
+    where the kernel allows.
+
+    Page alignment lets the CPU backend's device_put use the buffer in place instead of
+    copying it; huge pages make first-touch page faults, which dominate filling a fresh
+    gigabyte on virtual machines, ~7x cheaper (measured 2.1 s -> 0.3 s per GiB).
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, dtype).reshape(shape)
+
+
+def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def read_hf_params(folder: str, config: Qwen2Config, dtype: np.dtype,
+                   shardings: dict) -> tuple[dict, int]:
+    """The parameter pytree as jax arrays in `dtype`, placed by `shardings` (same tree).
+
+    Each distinct shard this process's devices hold is read once, straight from the files,
+    and put on those devices; nothing else of the tensor is read. Returns (params, bytes read).
+    """
+    ckpt = HFCheckpoint(folder, config)
+    by_path: dict[tuple[str, ...], list[TensorRule]] = {}
+    for rule in ckpt.rules:
+        by_path.setdefault(rule.path, []).append(rule)
     params: dict = {}
-    num_layers = config.num_hidden_layers
-    for rule, tensor in iter_hf_tensors(folder, config):
+    for path, rules in by_path.items():
+        stacked = rules[0].layer is not None
+        shape = ((len(rules),) if stacked else ()) + rules[0].our_shape
+        sharding = shardings
+        for key in path:
+            sharding = sharding[key]
+        shards: dict[tuple, np.ndarray] = {}
+        arrays = []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            key = _index_key(index, shape)
+            if key not in shards:
+                # Each read is a view of the file's bytes; this is the one copy (and cast).
+                buffer = host_buffer(tuple(b - a for a, b in key), dtype)
+                if stacked:  # one read per layer of the shard
+                    for i, layer in enumerate(range(*key[0])):
+                        buffer[i] = ckpt.read(rules[layer], index[1:])
+                else:
+                    buffer[...] = ckpt.read(rules[0], index)
+                shards[key] = buffer
+            arrays.append(jax.device_put(shards[key], device))
         node = params
-        for key in rule.path[:-1]:
+        for key in path[:-1]:
             node = node.setdefault(key, {})
-        value = rule.to_ours(tensor).astype(dtype)
-        leaf = rule.path[-1]
-        if rule.layer is None:
-            node[leaf] = value
-        else:
-            if leaf not in node:  # allocate the stacked [L, ...] buffer once, at layer 0's turn
-                node[leaf] = np.empty((num_layers, *rule.our_shape), dtype)
-            node[leaf][rule.layer] = value
-    return params
+        node[path[-1]] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+    return params, ckpt.bytes_read
 
 
 def read_hf_config(folder: str) -> Qwen2Config:

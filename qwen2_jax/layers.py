@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax.sharding import constrain
+
 Dtype = Any
 
 
@@ -102,5 +104,5 @@ class MLP(nn.Module):
         f, d = self.intermediate_size, x.shape[-1]
         gate = linear(f, ("embed", "mlp"), "gate_proj")(x)  # [B, T, F]
         up = linear(f, ("embed", "mlp"), "up_proj")(x)  # [B, T, F]
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
         return linear(d, ("mlp", "embed"), "down_proj")(hidden)  # [B, T, D]

@@ -26,6 +26,7 @@ from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import MLP, Dtype, Embedding, RMSNorm
 from qwen2_jax.masks import causal_mask, sliding_window_mask
 from qwen2_jax.rope import rope_cos_sin
+from qwen2_jax.sharding import constrain
 
 # What the backward pass keeps of each layer; the rest is recomputed. "none": keep everything
 # (no remat); "full": keep only the layer inputs; "dots": keep matmul outputs;
@@ -55,7 +56,7 @@ class DecoderLayer(nn.Module):
         mlp_in = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(h)
         y = h + MLP(c.intermediate_size, c.initializer_range, self.dtype, self.param_dtype,
                     name="mlp")(mlp_in)
-        return nn.with_logical_constraint(y, ("batch", "length", "embed")), None
+        return constrain(y, ("batch", "length", "embed")), None
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -80,7 +81,7 @@ class Qwen2ForCausalLM(nn.Module):
 
         embed_tokens = table("embed_tokens")
         x = embed_tokens(input_ids)  # [B, T, D]
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"))
 
         cos, sin = rope_cos_sin(c, positions, self.dtype)  # [B, T, H]
         full_mask = causal_mask(token_mask, segment_ids)  # [B, T, S]
@@ -105,4 +106,4 @@ class Qwen2ForCausalLM(nn.Module):
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(x)
         lm_head = embed_tokens if c.tie_word_embeddings else table("lm_head")
         logits = lm_head.attend(x)  # [B, T, V]
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return constrain(logits, ("batch", "length", "vocab"))

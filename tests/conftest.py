@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Eight CPU devices for the mesh tests; set before anything imports jax.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
 import copy
 
 import numpy as np

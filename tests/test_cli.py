@@ -31,3 +31,20 @@ def test_demo_prints_one_json_line_within_tolerance(tmp_path):
 def test_unknown_command_fails():
     out = run("frobnicate")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_demo_on_a_mesh_logs_what_it_replicates():
+    out = run("demo", "--mesh", "data=2,fsdp=-1,tensor=2")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert "vocab of size 151 does not divide over tensor (2 devices); replicating it" in out.stderr
+
+
+def test_bad_mesh_and_rules_are_clear_errors():
+    out = run("demo", "--mesh", "tensor=3")
+    assert out.returncode != 0 and "uses 3 devices but 8 are available" in out.stderr
+    out = run("demo", "--mesh", "tensor=8", "--rules", "heads=model")
+    assert out.returncode != 0 and "'heads' maps to unknown mesh axes ['model']" in out.stderr
+    out = run("demo", "--coordinator", "127.0.0.1:1")
+    assert out.returncode != 0 and "go together" in out.stderr

@@ -90,7 +90,23 @@ def test_tied_checkpoint_may_carry_lm_head(tmp_path):
 def test_truncated_file(checkpoint):
     path = checkpoint / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file: "
+                       r"tensor \S+ ends at byte \d+ but the file has \d+ bytes \(truncated\?\)"):
+        qwen2_jax.load(checkpoint)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:5], "too short for a safetensors header"),
+    (lambda data: (10**12).to_bytes(8, "little") + data[8:], r"header size \d+ exceeds"),
+    (lambda data: data[:8] + b"#" + data[9:], "header is not valid JSON"),
+    (lambda data: data.replace(b'"F32"', b'"Q32"', 1), r"malformed entry .*'Q32'"),
+    (lambda data: data.replace(b'"shape":[101,56]', b'"shape":[101,57]'),
+     r"data_offsets \d+\.\.\d+ do not hold F32 \[101, 57\]"),
+])
+def test_corrupt_header(checkpoint, damage, message):
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*" + message):
         qwen2_jax.load(checkpoint)
 
 

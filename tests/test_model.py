@@ -15,6 +15,7 @@ from qwen2_jax.api import _forward
 from qwen2_jax.convert.mapping import tensor_rules
 from qwen2_jax.masks import causal_mask, positions_from_mask, sliding_window_mask
 from qwen2_jax.model import REMAT_POLICIES
+from qwen2_jax.sharding import DEFAULT_RULES
 
 LOGICAL_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers"}
 SMALL = Qwen2Config(vocab_size=37, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
@@ -96,7 +97,7 @@ def test_scan_compiles_one_layer_body():
         config = dataclasses.replace(SMALL, num_hidden_layers=layers)
         params = jax.eval_shape(lambda: qwen2_jax.init(config, jax.random.key(0)))
         ids = jnp.zeros((1, 4), jnp.int32)
-        return _forward.lower(config, jnp.dtype(jnp.float32), "none", params, ids, ids + 1,
-                              None, ids).as_text()
+        return _forward.lower(config, jnp.dtype(jnp.float32), "none", None, DEFAULT_RULES,
+                              params, ids, ids + 1, None, ids).as_text()
 
     assert abs(len(text(2)) - len(text(12))) < 200

@@ -1,0 +1,263 @@
+"""Device meshes, and the one rules table from logical axis names to mesh axes.
+
+Every parameter and activation dimension has a logical name (`model.py`); the rules say which
+mesh axes each name is split over. Changing the parallelism is changing the mesh spec and the
+rules, never the model code:
+
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")     # -1 fills the remaining devices
+    rules = resolve_rules("heads=,mlp=tensor")     # overrides on top of DEFAULT_RULES
+
+A dimension that its mesh axes do not divide (14 heads on tensor=4) is sharded over the longest
+prefix of those axes that does divide it, down to replicated, with one log line saying so.
+Replicating is exact, so the result never changes, only where the work happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger("qwen2_jax")
+
+# Outermost to innermost: the innermost axis gets the closest devices (on TPU, the same ICI
+# ring), so tensor parallelism, which communicates every layer, goes last; data parallelism,
+# which communicates least, goes first and spans hosts.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
+                "expert", "layers")
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+# FSDP plus tensor parallelism. Order is priority: a mesh axis is used by at most one dimension
+# of an array, and the earlier rule wins, so activations [batch, length, embed] are split over
+# batch (data+fsdp) and parameters [vocab, embed] over vocab (tensor) and embed (fsdp).
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("expert", ("expert",)),
+    ("length", ()),
+    ("head_dim", ()),
+    ("layers", ()),
+)
+
+DEFAULT_MESH = "fsdp=-1"
+
+
+class ShardingError(ValueError):
+    """A mesh spec or rules override that cannot be used."""
+
+
+def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+    """Axis sizes from "data=2,fsdp=-1,tensor=2": every axis of MESH_AXES, absent ones 1.
+
+    One axis may be -1 and takes the devices the others leave. The sizes must use exactly
+    `num_devices` devices: using fewer would silently idle the rest.
+    """
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in MESH_AXES:
+            raise ShardingError(f"mesh spec {spec!r}: {part!r} is not AXIS=SIZE with AXIS one of "
+                                f"{', '.join(MESH_AXES)}")
+        if name in sizes:
+            raise ShardingError(f"mesh spec {spec!r}: axis {name!r} is given twice")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ShardingError(f"mesh spec {spec!r}: size of {name!r} must be an integer or -1, "
+                                f"got {value.strip()!r}") from None
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise ShardingError(f"mesh spec {spec!r}: size of {name!r} must be >= 1 or -1")
+    fill = [n for n, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ShardingError(f"mesh spec {spec!r}: only one axis may be -1, got {fill}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ShardingError(f"mesh spec {spec!r}: the fixed axes use {fixed} devices, which "
+                                f"does not divide the {num_devices} devices available")
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ShardingError(f"mesh spec {spec!r} uses {fixed} devices but {num_devices} are "
+                            "available; change the sizes or let one axis be -1")
+    return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def make_mesh(spec: str = DEFAULT_MESH, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with all MESH_AXES (unused ones of size 1) over `devices` (default: all devices
+    of all processes), laid out by `jax.make_mesh` for the platform's topology."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec, len(devices))
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
+    """Overrides from "heads=tensor,embed=,batch=data+fsdp": an empty value replicates."""
+    overrides: dict[str, tuple[str, ...]] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ShardingError(f"rules {text!r}: {part!r} is not LOGICAL=MESH_AXIS[+MESH_AXIS]")
+        overrides[name] = tuple(a.strip() for a in value.split("+") if a.strip())
+    return overrides
+
+
+def resolve_rules(overrides: str | dict | Rules | None = None) -> Rules:
+    """DEFAULT_RULES with `overrides` (a parse_rules string, a {logical: mesh axes} dict, or a
+    complete rules tuple) replacing the entries they name; new names are appended."""
+    if overrides is None:
+        return DEFAULT_RULES
+    if isinstance(overrides, str):
+        overrides = parse_rules(overrides)
+    if isinstance(overrides, (tuple, list)):
+        items = [(name, axes) for name, axes in overrides]
+        base: dict[str, tuple[str, ...]] = {}
+    else:
+        items = list(overrides.items())
+        base = dict(DEFAULT_RULES)
+    for name, axes in items:
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if name not in LOGICAL_AXES:
+            raise ShardingError(f"rules: unknown logical axis {name!r}; known: "
+                                f"{', '.join(LOGICAL_AXES)}")
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ShardingError(f"rules: {name!r} maps to unknown mesh axes {bad}; known: "
+                                f"{', '.join(MESH_AXES)}")
+        base[name] = axes
+    return tuple(base.items())
+
+
+_LOGGED: set[tuple] = set()
+
+
+def _log_once(name: str, size: int, wanted: tuple[str, ...], devices: int,
+              used: tuple[str, ...]) -> None:
+    """One line per distinct fallback, however many arrays and traces hit it."""
+    key = (name, size, wanted, devices, used)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        kept = f"sharding it over {'+'.join(used)} only" if used else "replicating it"
+        logger.info("sharding: %s of size %d does not divide over %s (%d devices); %s",
+                    name, size, "+".join(wanted), devices, kept)
+
+
+def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                 rules: Rules) -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` whose dims have logical names `axes`.
+
+    Rules are taken in order; a mesh axis serves at most one dimension. A dimension gets the
+    longest prefix of its mesh axes whose device count divides it (logged when cut short).
+    """
+    mesh_sizes = dict(mesh.shape)
+    taken: set[str] = set()
+    chosen: list[tuple[str, ...]] = [()] * len(axes)
+    for name, mesh_axes in rules:
+        if name not in axes or any(a in taken for a in mesh_axes):
+            continue
+        dim = list(axes).index(name)
+        if chosen[dim]:
+            continue
+        def devices(axes):
+            return math.prod(mesh_sizes[a] for a in axes)
+
+        used = mesh_axes
+        while used and shape[dim] % devices(used):
+            used = used[:-1]
+        # Size-1 mesh axes split nothing; leaving them out keeps specs (and the log) plain.
+        chosen[dim] = tuple(a for a in used if mesh_sizes[a] > 1)
+        if used != mesh_axes:
+            _log_once(name, shape[dim], mesh_axes, devices(mesh_axes), chosen[dim])
+        taken.update(used)
+    return PartitionSpec(*[(c[0] if len(c) == 1 else c) if c else None for c in chosen])
+
+
+def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                   rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_spec(axes, shape, mesh, rules))
+
+
+# The mesh and rules that `constrain` applies, set around tracing by `use_mesh`.
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "qwen2_jax_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """Makes `constrain` place activations on `mesh` (None: constrain does nothing).
+
+    Entered inside a jitted function whose cache key includes mesh and rules (static
+    arguments), since `jax.set_mesh` cannot be used under jit.
+    """
+    token = _CONTEXT.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names; identity outside `use_mesh`."""
+    context = _CONTEXT.get()
+    if context is None:
+        return x
+    mesh, rules = context
+    return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
+
+
+def shard_input(x: np.ndarray, mesh: Mesh, axes: Sequence[str | None],
+                rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """A global array from a host array every process holds in full: each process places only
+    the slices its own devices hold."""
+    x = np.asarray(x)
+    sharding = named_sharding(axes, x.shape, mesh, rules)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a global array as numpy on every process (an all-gather when other
+    processes hold parts of it)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins this process to a multi-process job before any other JAX call.
+
+    With no arguments JAX detects the cluster (TPU pod slices, SLURM, ...). With a coordinator
+    "HOST:PORT", a process count and this process's id, any set of processes works, several
+    on one machine included; CPU collectives then go through gloo.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    logger.info("process %d of %d: %d local devices, %d in all", jax.process_index(),
+                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the arrays of `tree` live on, or None if they are not NamedSharding arrays."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
