@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.layers import Dtype, Linear
+from qwen2_jax.layers import Dtype, Linear, precision
 from qwen2_jax.rope import apply_rope
 from qwen2_jax.sharding import constrain
 
@@ -25,11 +25,11 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
-                        preferred_element_type=jnp.float32) * h**-0.5  # [B, K, G, T, S]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,
+                        precision=precision(q.dtype)) * h**-0.5  # [B, K, G, T, S]
     logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=precision(v.dtype))  # [B, T, K, G, H]
     return out.reshape(b, t, n, h)
 
 

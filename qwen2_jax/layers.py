@@ -14,6 +14,12 @@ from qwen2_jax.sharding import constrain
 Dtype = Any
 
 
+def precision(dtype: Dtype) -> jax.lax.Precision | None:
+    """Float32 compute means float32 matmuls: without HIGHEST, GPUs use TF32 and TPUs bf16
+    passes (~1e-2 off transformers' float32). Other dtypes keep the backend's default."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def logical_param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
                   axes: tuple[str, ...], dtype: Dtype) -> jnp.ndarray:
     """A parameter whose every dimension carries a logical axis name (see sharding rules)."""
@@ -55,7 +61,7 @@ class Embedding(nn.Module):
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:  # [B, T, D] -> float32 [B, T, V]
         return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=jnp.float32, precision=precision(self.dtype))
 
 
 class Linear(nn.Module):
@@ -79,7 +85,8 @@ class Linear(nn.Module):
         kernel = logical_param(self, "kernel", nn.initializers.normal(self.init_std), shape,
                                self.axes, self.param_dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                (contract, ((), ())), precision=precision(self.dtype))
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros, self.features,
                                  self.axes[n_in:], self.param_dtype)
