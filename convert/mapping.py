@@ -1,15 +1,13 @@
 """The one table between Hugging Face tensor names and our parameter paths.
 
 Each rule states the HF name and shape (torch Linear: [out, in]), our path and per-layer
-shape, and whether the 2-D HF matrix is transposed; the reshape follows from the two shapes.
-Loading, convert and export all go through `to_ours` / `to_hf`, so the layout is stated once.
+shape, and whether the 2-D HF matrix is transposed; `hf_groups` derives which of our dims each
+HF dim unflattens into, so the layout is stated once (loading reads slices through it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import numpy as np
 
 from qwen2_jax.config import Qwen2Config
 
@@ -23,9 +21,6 @@ class TensorRule:
     our_shape: tuple[int, ...]  # per layer (without L)
     transpose: bool
     dims: str  # the config fields behind hf_shape, for error messages
-
-    def to_ours(self, w: np.ndarray) -> np.ndarray:
-        return (w.T if self.transpose else w).reshape(self.our_shape)
 
     def hf_groups(self) -> list[tuple[int, ...]]:
         """For each HF dim (in HF order), the consecutive dims of our shape it unflattens into.
@@ -44,11 +39,6 @@ class TensorRule:
             groups.append(tuple(group))
         groups[-1] += tuple(range(d, len(self.our_shape)))  # trailing size-1 dims
         return groups[::-1] if self.transpose else groups
-
-    def to_hf(self, x: np.ndarray) -> np.ndarray:
-        if self.transpose:
-            return x.reshape(self.hf_shape[::-1]).T
-        return x.reshape(self.hf_shape)
 
 
 def tensor_rules(config: Qwen2Config) -> list[TensorRule]:

@@ -61,6 +61,11 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(start, stop) of each slice of `index` over `shape`."""
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
 class HFCheckpoint:
     """An open model folder whose tensor names and shapes were checked against the config.
 
@@ -105,13 +110,13 @@ class HFCheckpoint:
         return where
 
     def read(self, rule: TensorRule, index: tuple[slice, ...] | None = None) -> np.ndarray:
-        """`rule.to_ours(tensor)[index]` (index: one slice per dim of our per-layer shape) as a
+        """The tensor in our layout, `[index]` (one slice per dim of our per-layer shape), as a
         read-only view of the file: copy what you keep. Only the HF rows/columns that the
         first sliced dim of each group covers are touched, and counted in `bytes_read`."""
         handle = self._where[rule.hf_name]
         groups = rule.hf_groups()  # our dims behind each HF dim, in HF order
         index = tuple(index or ()) + (slice(None),) * (len(rule.our_shape) - len(index or ()))
-        bounds = [s.indices(n)[:2] for s, n in zip(index, rule.our_shape, strict=True)]
+        bounds = _bounds(index, rule.our_shape)
         hf_index, block_shape = [], [0] * len(rule.our_shape)
         for dims in groups:
             inner = math.prod(rule.our_shape[d] for d in dims[1:])
@@ -126,8 +131,9 @@ class HFCheckpoint:
             raise CheckpointError(f"{handle.path}: cannot read tensor {rule.hf_name} ({e})") from e
         self.bytes_read += block.nbytes
         block = (block.T if rule.transpose else block).reshape(block_shape)
-        inner_index = tuple(slice(None) if d in [g[0] for g in groups]
-                            else slice(*bounds[d]) for d in range(len(block_shape)))
+        firsts = {dims[0] for dims in groups}  # already cut by hf_index
+        inner_index = tuple(slice(None) if d in firsts else slice(*bounds[d])
+                            for d in range(len(block_shape)))
         return block[inner_index]
 
 
@@ -146,10 +152,6 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         memory.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(memory, dtype).reshape(shape)
-
-
-def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
 
 
 def read_hf_params(folder: str, config: Qwen2Config, dtype: np.dtype,
@@ -173,7 +175,7 @@ def read_hf_params(folder: str, config: Qwen2Config, dtype: np.dtype,
         shards: dict[tuple, np.ndarray] = {}
         arrays = []
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            key = _index_key(index, shape)
+            key = _bounds(index, shape)
             if key not in shards:
                 # Each read is a view of the file's bytes; this is the one copy (and cast).
                 buffer = host_buffer(tuple(b - a for a, b in key), dtype)

@@ -58,6 +58,15 @@ class ShardingError(ValueError):
     """A mesh spec or rules override that cannot be used."""
 
 
+def _assignments(text: str, what: str, form: str) -> Iterator[tuple[str, str, str]]:
+    """(name, value, part) for each comma-separated NAME=VALUE part of `text`."""
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq:
+            raise ShardingError(f"{what} {text!r}: {part!r} is not {form}")
+        yield name.strip(), value.strip(), part
+
+
 def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     """Axis sizes from "data=2,fsdp=-1,tensor=2": every axis of MESH_AXES, absent ones 1.
 
@@ -65,19 +74,17 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     `num_devices` devices: using fewer would silently idle the rest.
     """
     sizes: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, eq, value = part.partition("=")
-        name = name.strip()
-        if not eq or name not in MESH_AXES:
-            raise ShardingError(f"mesh spec {spec!r}: {part!r} is not AXIS=SIZE with AXIS one of "
-                                f"{', '.join(MESH_AXES)}")
+    form = f"AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}"
+    for name, value, part in _assignments(spec, "mesh spec", form):
+        if name not in MESH_AXES:
+            raise ShardingError(f"mesh spec {spec!r}: {part!r} is not {form}")
         if name in sizes:
             raise ShardingError(f"mesh spec {spec!r}: axis {name!r} is given twice")
         try:
             sizes[name] = int(value)
         except ValueError:
             raise ShardingError(f"mesh spec {spec!r}: size of {name!r} must be an integer or -1, "
-                                f"got {value.strip()!r}") from None
+                                f"got {value!r}") from None
         if sizes[name] == 0 or sizes[name] < -1:
             raise ShardingError(f"mesh spec {spec!r}: size of {name!r} must be >= 1 or -1")
     fill = [n for n, s in sizes.items() if s == -1]
@@ -107,14 +114,8 @@ def make_mesh(spec: str = DEFAULT_MESH, devices: Sequence[jax.Device] | None = N
 
 def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
     """Overrides from "heads=tensor,embed=,batch=data+fsdp": an empty value replicates."""
-    overrides: dict[str, tuple[str, ...]] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, value = part.partition("=")
-        name = name.strip()
-        if not eq:
-            raise ShardingError(f"rules {text!r}: {part!r} is not LOGICAL=MESH_AXIS[+MESH_AXIS]")
-        overrides[name] = tuple(a.strip() for a in value.split("+") if a.strip())
-    return overrides
+    return {name: tuple(a.strip() for a in value.split("+") if a.strip())
+            for name, value, _ in _assignments(text, "rules", "LOGICAL=MESH_AXIS[+MESH_AXIS]")}
 
 
 def resolve_rules(overrides: str | dict | Rules | None = None) -> Rules:
@@ -165,6 +166,10 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     longest prefix of its mesh axes whose device count divides it (logged when cut short).
     """
     mesh_sizes = dict(mesh.shape)
+
+    def devices(mesh_axes: tuple[str, ...]) -> int:
+        return math.prod(mesh_sizes[a] for a in mesh_axes)
+
     taken: set[str] = set()
     chosen: list[tuple[str, ...]] = [()] * len(axes)
     for name, mesh_axes in rules:
@@ -173,9 +178,6 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
         dim = list(axes).index(name)
         if chosen[dim]:
             continue
-        def devices(axes):
-            return math.prod(mesh_sizes[a] for a in axes)
-
         used = mesh_axes
         while used and shape[dim] % devices(used):
             used = used[:-1]
