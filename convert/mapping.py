@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from qwen2_jax.config import Qwen2Config
 
 
@@ -39,6 +41,12 @@ class TensorRule:
             groups.append(tuple(group))
         groups[-1] += tuple(range(d, len(self.our_shape)))  # trailing size-1 dims
         return groups[::-1] if self.transpose else groups
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        """One layer's tensor from our layout back to HF's (a view; the inverse of reading)."""
+        if self.transpose:
+            return ours.reshape(self.hf_shape[::-1]).T
+        return ours.reshape(self.hf_shape)
 
 
 def tensor_rules(config: Qwen2Config) -> list[TensorRule]:

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
 
+from qwen2_jax import orbax_io
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.hf_io import read_hf_config, read_hf_params
+from qwen2_jax.convert.output import INCOMPLETE_MARKER
+from qwen2_jax.hf_io import CheckpointError, read_hf_config, read_hf_params
 from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import REMAT_POLICIES, Qwen2ForCausalLM
 from qwen2_jax.sharding import mesh_of, named_sharding, resolve_rules, shard_input, use_mesh
@@ -24,15 +26,16 @@ logger = logging.getLogger("qwen2_jax")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def resolve_dtype(dtype: str | None, config: Qwen2Config) -> jnp.dtype:
-    """The storage dtype for `dtype`; None: float32 on CPU, the checkpoint's dtype elsewhere.
+def resolve_dtype(dtype: str | None, stored: str | None) -> jnp.dtype:
+    """The storage dtype for `dtype`; None: float32 on CPU, the checkpoint's (`stored`)
+    elsewhere.
 
     CPU gets float32 because XLA:CPU bfloat16 matmuls are ~15x slower than float32.
     """
     if dtype is None:
-        if jax.default_backend() == "cpu" or config.dtype not in DTYPES:
+        if jax.default_backend() == "cpu" or stored not in DTYPES:
             return jnp.dtype(jnp.float32)
-        return jnp.dtype(DTYPES[config.dtype])
+        return jnp.dtype(DTYPES[stored])
     if str(dtype) not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
     return jnp.dtype(DTYPES[str(dtype)])
@@ -40,20 +43,35 @@ def resolve_dtype(dtype: str | None, config: Qwen2Config) -> jnp.dtype:
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,
          rules=None) -> tuple[Qwen2Config, dict]:
-    """Reads a Hugging Face model folder into (config, params).
+    """Reads a model folder into (config, params).
 
-    path: a folder with config.json and *.safetensors (one file, or shards with
-    model.safetensors.index.json). dtype: "float32" | "bfloat16" | "float16" | None (see
-    `resolve_dtype`). Params are a plain nested dict of jax arrays (paths in `model.py`).
+    path: a Hugging Face folder (config.json and *.safetensors: one file, or shards with
+    model.safetensors.index.json), or an Orbax checkpoint folder written by `qwen2-jax
+    convert` or training (see `orbax_io`). dtype: "float32" | "bfloat16" | "float16" | None
+    (see `resolve_dtype`). Params are a plain nested dict of jax arrays (paths in `model.py`).
     mesh: place every parameter already sharded by `rules` (see `sharding.resolve_rules`);
-    each process reads from disk only the slices its own devices hold. None: one device.
+    each process reads from disk only the slices (HF) or chunks (Orbax) its own devices hold.
+    None: one device.
     """
     folder = os.fspath(path)
-    config = read_hf_config(folder)
-    shardings = _placement(config, mesh, rules)
     start = time.perf_counter()
-    params, bytes_read = read_hf_params(folder, config, np.dtype(resolve_dtype(dtype, config)),
-                                        shardings)
+    if os.path.exists(os.path.join(folder, INCOMPLETE_MARKER)):
+        raise CheckpointError(f"{folder}: incomplete: left by an interrupted qwen2-jax convert, "
+                              "export or save; write it again")
+    if orbax_io.is_orbax_folder(folder):
+        config = orbax_io.read_config(folder)
+        stored = orbax_io.read_metadata(folder)["dtype"]
+        target = resolve_dtype(dtype, stored)
+        abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, target, sharding=s),
+                                _placement(config, mesh, rules),
+                                nn.meta.unbox(_abstract_params(config)))
+        params = orbax_io.restore_params(folder, abstract)
+        logger.info("loaded %s (Orbax, %s) in %.1f s", folder, stored,
+                    time.perf_counter() - start)
+        return config, params
+    config = read_hf_config(folder)
+    params, bytes_read = read_hf_params(folder, config, np.dtype(resolve_dtype(dtype, config.dtype)),
+                                        _placement(config, mesh, rules))
     logger.info("loaded %s: read %.1f MB in %.1f s", folder, bytes_read / 1e6,
                 time.perf_counter() - start)
     return config, params

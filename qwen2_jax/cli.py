@@ -16,17 +16,24 @@ Parallelism (the same flags on every command that loads a model):
 """
 
 
-def add_mesh_args(parser: argparse.ArgumentParser) -> None:
-    """--mesh/--rules and the multi-process flags, shared by every command that loads a model."""
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def add_mesh_args(parser: argparse.ArgumentParser, processes: bool = True,
+                  mesh_help: str = "device mesh over all devices of all processes") -> None:
+    """--mesh/--rules and (with processes) the multi-process flags, shared by every command
+    that loads a model."""
     group = parser.add_argument_group("parallelism")
     group.add_argument("--mesh", metavar="SPEC", default=None,
-                       help="device mesh over all devices of all processes, e.g. "
-                       "'fsdp=-1' or 'data=2,fsdp=2,tensor=2' (axes: data, fsdp, expert, "
-                       "tensor; -1 fills the rest). Default: no mesh, one device")
+                       help=f"{mesh_help}, e.g. 'fsdp=-1' or 'data=2,fsdp=2,tensor=2' (axes: "
+                       "data, fsdp, expert, tensor; -1 fills the rest). Default: no mesh, one "
+                       "device")
     group.add_argument("--rules", metavar="RULES", default=None,
                        help="overrides of the logical-axis rules, e.g. 'heads=,embed=fsdp' "
                        "(an empty value replicates). Defaults: batch=data+fsdp, vocab, heads, "
                        "kv_heads, mlp=tensor, embed=fsdp, expert=expert")
+    if not processes:
+        return
     group.add_argument("--distributed", action="store_true",
                        help="join a multi-host job found by JAX (TPU pod slice, SLURM); run the "
                        "same command on every host")
@@ -43,13 +50,14 @@ def mesh_from_args(args: argparse.Namespace):
     """Initializes multi-process JAX if asked; returns (mesh or None without --mesh, rules)."""
     from qwen2_jax import sharding
 
-    explicit = (args.coordinator, args.num_processes, args.process_id)
+    explicit = tuple(getattr(args, k, None) for k in ("coordinator", "num_processes",
+                                                      "process_id"))
     if any(x is not None for x in explicit):
         if any(x is None for x in explicit):
             raise SystemExit("qwen2-jax: --coordinator, --num-processes and --process-id go "
                              "together")
         sharding.initialize_distributed(*explicit)
-    elif args.distributed:
+    elif getattr(args, "distributed", False):
         sharding.initialize_distributed()
     if args.mesh is None and args.rules is not None:
         raise SystemExit("qwen2-jax: --rules needs --mesh")
@@ -81,17 +89,122 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", metavar="DIR", default=None,
                       help="keep the tiny checkpoint in DIR (default: a temporary folder)")
     add_mesh_args(demo)
+    _add_convert(sub)
+    _add_export(sub)
     return parser
+
+
+def _add_convert(sub) -> None:
+    convert = sub.add_parser(
+        "convert", help="Hugging Face safetensors folder -> Orbax checkpoint folder",
+        description="Writes a Hugging Face Qwen2 folder (config.json + *.safetensors) as an Orbax "
+        "checkpoint folder: params/ (the parameter pytree, Orbax), config.json, the tokenizer "
+        "and generation files the source has, and qwen2_jax.json (format version, dtype, "
+        "source). Streams: each chunk is read, transposed, cast and written in turn, so memory "
+        "holds a few chunks (16 MiB each at most), never the model. Everything goes into a "
+        "hidden temporary folder beside OUT_DIR, renamed to OUT_DIR when complete; on an error, "
+        "Ctrl-C or SIGTERM it is removed. Prints one JSON line.")
+    convert.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder")
+    convert.add_argument("out_dir", metavar="OUT_DIR", help="Orbax checkpoint folder to write")
+    convert.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                         help="storage dtype (default: the source's)")
+    _add_output_args(convert)
+    add_mesh_args(convert, processes=False,
+                  mesh_help="write chunks no larger than this mesh's shards, so that a restore "
+                  "onto it reads only what each device holds (a mesh over this process's "
+                  "devices; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N)")
+
+
+def _add_export(sub) -> None:
+    export = sub.add_parser(
+        "export", help="Orbax checkpoint folder -> Hugging Face safetensors folder",
+        description="Writes an Orbax checkpoint folder (from `qwen2-jax convert` or training) as "
+        "a Hugging Face folder that transformers' from_pretrained loads: safetensors with HF's "
+        "tensor names and shapes (one file, or shards and model.safetensors.index.json past "
+        "--max-shard-size), config.json and the tokenizer files. Reads one layer's tensor at a "
+        "time. Written into a temporary folder renamed when complete. Prints one JSON line.")
+    export.add_argument("orbax_dir", metavar="ORBAX_DIR", help="Orbax checkpoint folder")
+    export.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder to write")
+    export.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help="safetensors dtype (default: the stored one)")
+    export.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest safetensors file, e.g. 5GB (10^9 bytes, as transformers), "
+                        "2GiB, 500MB (default 5GB)")
+    _add_output_args(export)
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="replace the output folder if it exists (only once the new one is "
+                        "complete)")
+    parser.add_argument("--verify", action="store_true",
+                        help="afterwards, run the same prompt through the source and the written "
+                        "checkpoint (qwen2-jax's loader for both, same dtype) and report the max "
+                        "logit difference; exit 1 unless it is 0")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _convert_or_export(args: argparse.Namespace) -> int:
+    """Runs convert or export; prints one JSON line; bad input, a full disk or a signal end it
+    with a specific message, a non-zero status and no output folder."""
+    import json
+
+    from qwen2_jax.config import ConfigError
+    from qwen2_jax.convert.output import Interrupted, OutputError
+    from qwen2_jax.hf_io import CheckpointError
+    from qwen2_jax.orbax_io import OrbaxCheckpointError
+
+    name = f"qwen2-jax {args.command}"
+    try:
+        if args.command == "convert":
+            from qwen2_jax.convert.hf_to_orbax import convert
+
+            mesh, rules = mesh_from_args(args)
+            source, written = args.hf_dir, args.out_dir
+            summary = convert(source, written, args.dtype, mesh, rules, args.force,
+                              progress=not args.no_progress)
+        else:
+            from qwen2_jax.convert.orbax_to_hf import export
+
+            mesh, rules = None, None
+            source, written = args.orbax_dir, args.hf_dir
+            summary = export(source, written, args.dtype, args.max_shard_size, args.force,
+                             progress=not args.no_progress)
+        if args.verify:
+            from qwen2_jax.convert.verify import max_logit_difference
+
+            difference = max_logit_difference(source, written, summary["dtype"], mesh, rules)
+            summary["verify"] = {"max_abs_logit_diff": difference, "ok": difference == 0.0}
+    except Interrupted as e:
+        print(f"{name}: interrupted by {e}; removed the partial output", file=sys.stderr)
+        return 128 + e.signum
+    except (ConfigError, CheckpointError, OrbaxCheckpointError, OutputError, ValueError) as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{name}: {e} (disk full?); removed the partial output", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    if args.verify and not summary["verify"]["ok"]:
+        print(f"{name}: verify failed: {written} gives logits up to "
+              f"{summary['verify']['max_abs_logit_diff']:.3g} away from {source}'s",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", force=True)
     logging.getLogger("qwen2_jax").setLevel(logging.INFO)
+    # Orbax logs a failed background write with its whole TensorStore spec; we report it.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     if args.command == "demo":
         from qwen2_jax import demo
 
         return demo.main(args)
+    if args.command in ("convert", "export"):
+        return _convert_or_export(args)
     raise AssertionError(args.command)
 
 

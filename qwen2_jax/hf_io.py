@@ -109,6 +109,10 @@ class HFCheckpoint:
                 )
         return where
 
+    def dtype(self, rule: TensorRule) -> np.dtype:
+        """The tensor's dtype in its file."""
+        return self._where[rule.hf_name].tensors[rule.hf_name][0]
+
     def read(self, rule: TensorRule, index: tuple[slice, ...] | None = None) -> np.ndarray:
         """The tensor in our layout, `[index]` (one slice per dim of our per-layer shape), as a
         read-only view of the file: copy what you keep. Only the HF rows/columns that the

@@ -106,3 +106,44 @@ class SafetensorsFile:
                                 offset=start)
         rows = np.frombuffer(mapping, dtype, (last - first) * row // dtype.itemsize, begin - start)
         return rows.reshape(last - first, *shape[1:])[(slice(None), *index[1:])]
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_safetensors(path: str, tensors: list[tuple[str, np.dtype, tuple[int, ...], object]],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Writes a safetensors file tensor by tensor, never holding more than one block.
+
+    tensors: (name, dtype, shape, blocks) in file order, where blocks() yields arrays whose
+    bytes, in order, are the tensor's (row blocks, or the whole tensor). Returns the file size.
+    """
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, _ in tensors:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as the format asks
+    try:
+        _write(path, encoded, tensors)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from e
+    return 8 + len(encoded) + offset
+
+
+def _write(path: str, encoded: bytes, tensors) -> None:
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, dtype, shape, blocks in tensors:
+            written = 0
+            for block in blocks():
+                block = np.ascontiguousarray(block, dtype)
+                f.write(block.reshape(-1).view(np.uint8).data)
+                written += block.nbytes
+            expected = math.prod(shape) * np.dtype(dtype).itemsize
+            if written != expected:
+                raise AssertionError(f"{name}: wrote {written} bytes, header says {expected}")

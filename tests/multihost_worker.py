@@ -1,16 +1,23 @@
 """One process of the 2-process test job (tests/test_multihost.py); not collected by pytest.
 
 argv: coordinator port, process id, process count, HF model folder, mesh spec, output folder.
-Loads the checkpoint sharded over the global mesh, runs a ragged batch, gathers the logits and
-writes them with the number of parameter bytes this process read.
+Loads the checkpoint (HF or Orbax) sharded over the global mesh, runs a ragged batch, gathers the
+logits and writes them with the number of parameter bytes this process read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import jax
+
+
+def read_bytes() -> int:
+    """Bytes this process has read through read() calls so far (/proc/self/io rchar)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
 def main(port: str, process_id: str, processes: str, folder: str, spec: str, out: str) -> None:
@@ -26,9 +33,15 @@ def main(port: str, process_id: str, processes: str, folder: str, spec: str, out
     from qwen2_jax.sharding import make_mesh
 
     mesh = make_mesh(spec)
-    config = read_hf_config(folder)
-    params, bytes_read = read_hf_params(folder, config, np.dtype(np.float32),
-                                        param_shardings(config, mesh))
+    if os.path.exists(os.path.join(folder, "qwen2_jax.json")):  # Orbax: count read() bytes
+        qwen2_jax.load(folder, mesh=mesh)  # once first, so lazy imports are not counted
+        before = read_bytes()
+        config, params = qwen2_jax.load(folder, mesh=mesh)
+        bytes_read = read_bytes() - before
+    else:
+        config = read_hf_config(folder)
+        params, bytes_read = read_hf_params(folder, config, np.dtype(np.float32),
+                                            param_shardings(config, mesh))
     ids = np.load(f"{out}/ids.npy")
     mask = np.load(f"{out}/mask.npy")
     logits = qwen2_jax.forward(config, params, ids, mask)

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import qwen2_jax
 from conftest import make_hf_model
+from qwen2_jax.convert.hf_to_orbax import convert
+from qwen2_jax.sharding import make_mesh
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
-DIMS = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=8,
+DIMS = dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_attention_heads=8,
             num_key_value_heads=4, num_hidden_layers=2)
 
 
@@ -45,9 +48,16 @@ def run_processes(command, processes: int = 2, devices_each: int = 4) -> list[tu
     return outs
 
 
-def test_two_processes_load_half_each_and_match_one_process(tmp_path):
+@pytest.mark.parametrize("orbax", [False, True])
+def test_two_processes_load_half_each_and_match_one_process(tmp_path, orbax):
+    """Each process reads from disk about its half: HF slices, or Orbax chunks (converted
+    with the job's mesh as layout, so chunks are the shards)."""
     folder = tmp_path / "model"
     make_hf_model(folder, seed=5, **DIMS)
+    if orbax:
+        convert(str(folder), str(tmp_path / "orbax"), mesh=make_mesh("fsdp=4,tensor=2"),
+                progress=False)
+        folder = tmp_path / "orbax"
     rng = np.random.default_rng(1)
     ids = rng.integers(0, DIMS["vocab_size"], (4, 10))
     mask = np.ones_like(ids)

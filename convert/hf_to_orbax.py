@@ -1,0 +1,106 @@
+"""Hugging Face safetensors folder -> our Orbax checkpoint folder, streamed chunk by chunk.
+
+Every tensor name and shape is checked against config.json before anything is written. Then
+each zarr chunk of each parameter is read from the safetensors files (only the rows and
+columns it covers), transposed to our layout, cast and written, a few chunks in flight at a
+time: memory holds a few chunks, never the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from qwen2_jax.api import DTYPES, param_shardings
+from qwen2_jax.convert.mapping import TensorRule
+from qwen2_jax.convert.output import atomic_folder, copy_model_files
+from qwen2_jax.convert.progress import Progress
+from qwen2_jax.hf_io import CheckpointError, HFCheckpoint, read_hf_config
+from qwen2_jax.orbax_io import PARAMS_DIR, StreamedArray, blocks_of, save_streamed, write_metadata
+
+
+def storage_dtype(ckpt: HFCheckpoint, dtype: str | None) -> np.dtype:
+    """`dtype`, or the source's one floating dtype (an error if it mixes several)."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+        return np.dtype(DTYPES[dtype])
+    found: dict[str, str] = {}
+    for rule in ckpt.rules:
+        found.setdefault(ckpt.dtype(rule).name, rule.hf_name)
+    if len(found) > 1:
+        raise CheckpointError(f"{ckpt.folder}: tensors mix dtypes ({found}); pass --dtype")
+    (name,) = found
+    if name not in DTYPES:
+        raise CheckpointError(f"{ckpt.folder}: tensors are {name}; pass --dtype (one of "
+                              f"{sorted(DTYPES)})")
+    return np.dtype(DTYPES[name])
+
+
+def streamed_params(ckpt: HFCheckpoint, dtype: np.dtype, shardings: dict | None,
+                    progress: Progress) -> dict:
+    """The param pytree as StreamedArray leaves reading from `ckpt`: per layer, per shard."""
+    by_path: dict[tuple[str, ...], list[TensorRule]] = {}
+    for rule in ckpt.rules:
+        by_path.setdefault(rule.path, []).append(rule)
+    tree: dict = {}
+    for path, rules in by_path.items():
+        stacked = rules[0].layer is not None
+        shape = ((len(rules),) if stacked else ()) + rules[0].our_shape
+        sharding = shardings
+        for key in path:
+            sharding = sharding[key] if sharding is not None else None
+        shard_shape = sharding.shard_shape(shape) if sharding is not None else shape
+        # One layer per block, so each chunk is one HF tensor's (a slice of it).
+        write_shape = (1, *shard_shape[1:]) if stacked else shard_shape
+        left = {r.hf_name: np.prod(r.our_shape) * dtype.itemsize for r in rules}
+
+        def read(index, out, rules=rules, stacked=stacked):
+            if stacked:  # one layer: the copy transposes and casts in one pass
+                np.copyto(out[0], ckpt.read(rules[index[0].start], index[1:]), casting="unsafe")
+            else:
+                np.copyto(out, ckpt.read(rules[0], index), casting="unsafe")
+
+        def written(index, nbytes, rules=rules, stacked=stacked, left=left):
+            name = rules[index[0].start if stacked else 0].hf_name
+            left[name] -= nbytes
+            progress.advance(nbytes, tensors=int(left[name] == 0))
+
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = StreamedArray(shape, dtype, write_shape,
+                                       blocks_of(shape, sharding, write_shape), read, written)
+    return tree
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str | None = None, mesh=None, rules=None,
+            force: bool = False, progress: bool = True) -> dict:
+    """Writes `hf_dir` (config.json + safetensors) as an Orbax checkpoint folder `out_dir`.
+
+    dtype: storage dtype (default: the source's). mesh, rules: lay chunks out as the shards of
+    this mesh, so a restore onto it reads exactly its shards (default: one chunk per layer
+    and tensor, split to at most 16 MiB). Returns a summary dict.
+    """
+    if jax.process_count() > 1:
+        raise ValueError("convert runs as a single process; --mesh only sets the chunk layout")
+    start = time.perf_counter()
+    config = read_hf_config(hf_dir)
+    ckpt = HFCheckpoint(hf_dir, config)  # names and shapes checked before anything is written
+    target = storage_dtype(ckpt, dtype)
+    shardings = param_shardings(config, mesh, rules) if mesh is not None else None
+    total = sum(int(np.prod(r.our_shape)) for r in ckpt.rules) * target.itemsize
+    with atomic_folder(out_dir, force) as temp:
+        with Progress("convert", total, len(ckpt.rules), enabled=progress) as bar:
+            save_streamed(os.path.join(temp, PARAMS_DIR),
+                          streamed_params(ckpt, target, shardings, bar))
+        shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(temp, "config.json"))
+        copied = copy_model_files(hf_dir, temp)
+        write_metadata(temp, dtype=target.name, source=os.path.abspath(hf_dir),
+                       mesh=dict(mesh.shape) if mesh is not None else None)
+    return {"out": os.path.abspath(out_dir), "dtype": target.name, "tensors": len(ckpt.rules),
+            "bytes": total, "model_files": copied, "seconds": round(time.perf_counter() - start, 3)}

@@ -1,0 +1,105 @@
+"""Output folders that appear complete or not at all, and the files that travel with a model.
+
+Everything is written into a temporary sibling of the output folder, renamed into place only
+when complete. An exception, SIGINT or SIGTERM removes the temporary folder; `kill -9` leaves
+it behind under a hidden `.NAME.partial-*` name, holding a marker file (INCOMPLETE_MARKER) that
+makes `qwen2_jax.load` refuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+
+from qwen2_jax.orbax_io import STOP, stop_writers
+
+logger = logging.getLogger("qwen2_jax")
+
+# What a model folder carries besides weights and config.json; copied when present.
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+               "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+               "chat_template.jinja")
+
+
+# Present in an output folder from its creation until just before it is renamed into place.
+INCOMPLETE_MARKER = ".qwen2_jax_incomplete"
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be written (exists without --force, not a folder)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while writing an output folder."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def copy_model_files(source: str, destination: str) -> list[str]:
+    """Copies the tokenizer and generation files `source` has; returns their names."""
+    copied = []
+    for name in MODEL_FILES:
+        path = os.path.join(source, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(destination, name))
+            copied.append(name)
+    return copied
+
+
+def _interrupt(signum, frame):
+    STOP.set()
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str, force: bool = False):
+    """Yields an empty temporary folder next to `out`; it becomes `out` when the block ends
+    normally (replacing an existing `out` only with force) and is removed otherwise."""
+    out = os.path.abspath(out)
+    parent, name = os.path.split(out)
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise OutputError(f"{out} exists and is not a folder")
+        if not force:
+            raise OutputError(f"{out} already exists; pass --force to replace it")
+    os.makedirs(parent, exist_ok=True)
+    for leftover in glob.glob(os.path.join(parent, f".{glob.escape(name)}.partial-*")):
+        logger.warning("%s: left by an interrupted run; remove it to reclaim the space", leftover)
+    temp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    marker = os.path.join(temp, INCOMPLETE_MARKER)
+    with open(marker, "w") as f:
+        f.write("written by qwen2-jax; removed only once this folder is complete\n")
+    STOP.clear()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield temp
+        os.remove(marker)
+        if os.path.lexists(out):
+            old = temp + ".replaced"
+            os.rename(out, old)
+            os.rename(temp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(temp, out)
+    except BaseException:
+        for s in handlers:  # a second signal must not cut the clean-up short
+            signal.signal(s, lambda signum, frame: STOP.set())
+        stop_writers()
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
