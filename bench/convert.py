@@ -6,7 +6,8 @@ Python process so that peak RSS is that job's alone:
 - qwen2-jax convert: HF safetensors -> Orbax (`qwen2_jax.convert.hf_to_orbax.convert`);
 - qwen2-jax export: that Orbax folder -> HF safetensors (`...orbax_to_hf.export`);
 - transformers: `from_pretrained` + `save_pretrained` of the same folder (its round trip
-  through memory, HF -> HF), in bfloat16.
+  through memory, HF -> HF), in bfloat16; timed as it returns, and again after flushing its
+  files to disk ("synced"), which qwen2-jax does before it renames its output into place.
 
 Throughput is checkpoint bytes / wall seconds. Peak extra RSS is the process's resident
 high-water mark (VmHWM) minus its resident memory just before the job (after imports).
@@ -40,9 +41,16 @@ def child(job: str, source: str, out: str) -> None:
         import torch
         from transformers import Qwen2ForCausalLM
 
+        from qwen2_jax.convert.output import sync_tree
+
         before, start = status_mb("VmRSS"), time.perf_counter()
         model = Qwen2ForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
         model.save_pretrained(out)
+        seconds = time.perf_counter() - start
+        sync_tree(out)  # what qwen2-jax does before publishing its output
+        print(json.dumps({"seconds": seconds, "synced_seconds": time.perf_counter() - start,
+                          "peak_extra_mb": status_mb("VmHWM") - before}))
+        return
     else:
         import jax
 
@@ -96,8 +104,11 @@ def main() -> None:
         report[f"{name}_s"] = round(median(job, "seconds"), 3)
         report[f"{name}_mb_per_s"] = round(mb / median(job, "seconds"), 1)
         report[f"{name}_peak_extra_rss_mb"] = round(median(job, "peak_extra_mb"), 1)
+    report["transformers_roundtrip_synced_s"] = round(median("transformers", "synced_seconds"), 3)
     report["convert_throughput_ratio"] = round(
         median("transformers", "seconds") / median("convert", "seconds"), 3)
+    report["convert_throughput_ratio_vs_synced"] = round(
+        median("transformers", "synced_seconds") / median("convert", "seconds"), 3)
     report["convert_peak_rss_fraction"] = round(median("convert", "peak_extra_mb") / mb, 3)
     report["export_peak_rss_fraction"] = round(median("export", "peak_extra_mb") / mb, 3)
     print(json.dumps(report))

@@ -54,6 +54,23 @@ def copy_model_files(source: str, destination: str) -> list[str]:
     return copied
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: str) -> None:
+    """Flushes every file and folder under `folder` to disk, so that the rename that
+    publishes it can never expose data still in flight after a crash."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
 def _interrupt(signum, frame):
     STOP.set()
     raise Interrupted(signum)
@@ -87,6 +104,7 @@ def atomic_folder(out: str, force: bool = False):
     try:
         yield temp
         os.remove(marker)
+        sync_tree(temp)  # durable before it takes the final name
         if os.path.lexists(out):
             old = temp + ".replaced"
             os.rename(out, old)
@@ -94,6 +112,7 @@ def atomic_folder(out: str, force: bool = False):
             shutil.rmtree(old)
         else:
             os.rename(temp, out)
+        _fsync(parent)
     except BaseException:
         for s in handlers:  # a second signal must not cut the clean-up short
             signal.signal(s, lambda signum, frame: STOP.set())
