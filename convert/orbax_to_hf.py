@@ -16,11 +16,12 @@ import flax.linen as nn
 import numpy as np
 
 from qwen2_jax.api import DTYPES, _abstract_params
+from qwen2_jax.config import Qwen2Config
 from qwen2_jax.convert.mapping import TensorRule, tensor_rules
 from qwen2_jax.convert.output import atomic_folder, copy_model_files
 from qwen2_jax.convert.progress import Progress
 from qwen2_jax.hf_io import INDEX_FILE
-from qwen2_jax.orbax_io import CHUNK_BYTES, check_params, open_arrays, read_config, read_metadata
+from qwen2_jax.orbax_io import CHUNK_BYTES, check_params, open_arrays, read_metadata
 from qwen2_jax.safetensors_file import write_safetensors
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -87,7 +88,7 @@ def export(orbax_dir: str, hf_dir: str, dtype: str | None = None,
     """
     start = time.perf_counter()
     metadata = read_metadata(orbax_dir)
-    config = read_config(orbax_dir)
+    config = Qwen2Config.from_file(orbax_dir)
     name = dtype or metadata["dtype"]
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; expected one of {sorted(DTYPES)}")

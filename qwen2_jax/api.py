@@ -59,8 +59,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
         raise CheckpointError(f"{folder}: incomplete: left by an interrupted qwen2-jax convert, "
                               "export or save; write it again")
     if orbax_io.is_orbax_folder(folder):
-        config = orbax_io.read_config(folder)
         stored = orbax_io.read_metadata(folder)["dtype"]
+        config = Qwen2Config.from_file(folder)
         target = resolve_dtype(dtype, stored)
         abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, target, sharding=s),
                                 _placement(config, mesh, rules),

@@ -36,8 +36,6 @@ import tensorstore as ts
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from qwen2_jax.config import Qwen2Config
-
 PARAMS_DIR = "params"
 METADATA_FILE = "qwen2_jax.json"
 FORMAT = "qwen2-jax"
@@ -253,11 +251,6 @@ def write_metadata(folder: str, dtype: str, source: str, **extra) -> None:
     with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2)
         f.write("\n")
-
-
-def read_config(folder: str) -> Qwen2Config:
-    read_metadata(folder)
-    return Qwen2Config.from_file(folder)
 
 
 def _stored(folder: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
