@@ -39,9 +39,15 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
-                 mask: jnp.ndarray) -> jnp.ndarray:
-        """x: [B, T, D]; cos, sin: [B, T, H]; mask: bool [B, T, S]. Returns [B, T, D]."""
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
+                 cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+                 cache_index: jnp.ndarray | None = None):
+        """x: [B, T, D]; cos, sin: [B, T, H]; mask: bool [B, T, S]. Returns [B, T, D].
+
+        With a cache (keys, values [B, S, K, H]): the new keys and values go into slots
+        cache_index[b] .. cache_index[b] + T - 1 of row b, the queries attend over all S
+        slots (mask says which), and the result is ([B, T, D], the updated cache).
+        """
         c = self.config
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
 
@@ -56,6 +62,20 @@ class Attention(nn.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
         value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+        if cache is not None:
+            cache = tuple(constrain(write_slots(c_, new.astype(c_.dtype), cache_index),
+                                    ("batch", "length", "kv_heads", "head_dim"))
+                          for c_, new in zip(cache, (key, value), strict=True))
+            key, value = cache[0].astype(self.dtype), cache[1].astype(self.dtype)  # [B, S, K, H]
         out = dot_product_attention(q, key, value, mask)  # [B, T, N, H]
-        return linear((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
-                      use_bias=False)(out)  # [B, T, D]
+        out = linear((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
+                     use_bias=False)(out)  # [B, T, D]
+        return out if cache is None else (out, cache)
+
+
+def write_slots(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
+    """cache [B, S, ...] with new [B, T, ...] written at slots start[b] .. start[b] + T - 1."""
+    def row(c, n, i):
+        return jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0)
+
+    return jax.vmap(row)(cache, new, start)

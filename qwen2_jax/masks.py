@@ -46,3 +46,17 @@ def sliding_window_mask(mask: jnp.ndarray, window: int) -> jnp.ndarray:
     index = jnp.arange(length)
     recent = index[:, None] - index[None, :] < window  # [T, S]
     return mask & recent[None]
+
+
+def cache_masks(positions: jnp.ndarray, slots: int, window: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(full, sliding-window) bool masks [B, T, S] for queries at `positions` [B, T] over a
+    KV cache of `slots` slots holding each row's tokens at the slot of their position.
+
+    A query sees every slot up to its own position (slots past a row's length hold stale
+    values, never visible); the window keeps `position - window < slot`, as transformers.
+    """
+    slot = jnp.arange(slots)
+    full = slot[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    if not window:
+        return full, full
+    return full, full & (positions[:, :, None] - slot[None, None, :] < window)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from qwen2_jax.attention import Attention
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import MLP, Dtype, Embedding, RMSNorm
-from qwen2_jax.masks import causal_mask, sliding_window_mask
+from qwen2_jax.masks import cache_masks, causal_mask, sliding_window_mask
 from qwen2_jax.rope import rope_cos_sin
 from qwen2_jax.sharding import constrain
 
@@ -47,16 +47,22 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, sliding, cos, sin, full_mask, window_mask):
-        """x: [B, T, D]; sliding: bool scalar (this layer's window flag); masks: [B, T, S]."""
+    def __call__(self, x, scanned, cos, sin, full_mask, window_mask, cache_index):
+        """x: [B, T, D]; scanned: (this layer's sliding-window flag, its (keys, values) cache
+        [B, S, K, H] or None); masks: [B, T, S]. Returns (y, the updated cache or None)."""
         c = self.config
+        sliding, cache = scanned
         mask = jnp.where(sliding, window_mask, full_mask)
         attn_in = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
-        h = x + Attention(c, self.dtype, self.param_dtype, name="self_attn")(attn_in, cos, sin, mask)
+        attn = Attention(c, self.dtype, self.param_dtype, name="self_attn")(
+            attn_in, cos, sin, mask, cache, cache_index)
+        if cache is not None:
+            attn, cache = attn
+        h = x + attn
         mlp_in = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(h)
         y = h + MLP(c.intermediate_size, c.initializer_range, self.dtype, self.param_dtype,
                     name="mlp")(mlp_in)
-        return constrain(y, ("batch", "length", "embed")), None
+        return constrain(y, ("batch", "length", "embed")), cache
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -64,6 +70,12 @@ class Qwen2ForCausalLM(nn.Module):
 
     All inputs int [B, T]. Returns float32 logits [B, T, V]. `dtype` is the compute dtype,
     `param_dtype` the storage dtype of freshly initialized parameters.
+
+    With `cache` ({"k", "v"}: [L, B, S, K, H], see `cache.py`) and `cache_index` [B], row b's
+    tokens are its next ones: at positions cache_index[b] + t, written into those cache slots,
+    attending to every slot before (`positions`, `token_mask` and `segment_ids` are then
+    ignored); returns (logits, updated cache). `logits_at` [B]: logits only at that index of
+    each row, [B, V] (generation needs no others; the vocab projection is the largest matmul).
     """
 
     config: Qwen2Config
@@ -72,7 +84,8 @@ class Qwen2ForCausalLM(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, positions, token_mask, segment_ids):
+    def __call__(self, input_ids, positions, token_mask, segment_ids, cache=None,
+                 cache_index=None, logits_at=None):
         c = self.config
 
         def table(name: str) -> Embedding:
@@ -83,11 +96,15 @@ class Qwen2ForCausalLM(nn.Module):
         x = embed_tokens(input_ids)  # [B, T, D]
         x = constrain(x, ("batch", "length", "embed"))
 
-        cos, sin = rope_cos_sin(c, positions, self.dtype)  # [B, T, H]
-        full_mask = causal_mask(token_mask, segment_ids)  # [B, T, S]
         windows = c.layer_windows
         window = max(windows)
-        window_mask = sliding_window_mask(full_mask, window) if window else full_mask
+        if cache is None:
+            full_mask = causal_mask(token_mask, segment_ids)  # [B, T, S]
+            window_mask = sliding_window_mask(full_mask, window) if window else full_mask
+        else:
+            positions = cache_index[:, None] + jnp.arange(input_ids.shape[1])  # [B, T]
+            full_mask, window_mask = cache_masks(positions, cache["k"].shape[2], window)
+        cos, sin = rope_cos_sin(c, positions, self.dtype)  # [B, T, H]
 
         layer = DecoderLayer
         if REMAT_POLICIES[self.remat] is not None:
@@ -96,14 +113,22 @@ class Qwen2ForCausalLM(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.param_dtype, name="layers")
         sliding = jnp.asarray([w > 0 for w in windows])  # [L]
-        x, _ = layers(x, sliding, cos, sin, full_mask, window_mask)
+        layer_cache = None if cache is None else (cache["k"], cache["v"])  # [L, B, S, K, H]
+        x, layer_cache = layers(x, (sliding, layer_cache), cos, sin, full_mask, window_mask,
+                                cache_index)
 
+        if logits_at is not None:
+            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(x)
         lm_head = embed_tokens if c.tie_word_embeddings else table("lm_head")
-        logits = lm_head.attend(x)  # [B, T, V]
-        return constrain(logits, ("batch", "length", "vocab"))
+        logits = constrain(lm_head.attend(x), ("batch", "length", "vocab"))  # [B, T, V]
+        if logits_at is not None:
+            logits = logits[:, 0]  # [B, V]
+        if cache is None:
+            return logits
+        return logits, {"k": layer_cache[0], "v": layer_cache[1]}

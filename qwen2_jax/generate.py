@@ -1,0 +1,180 @@
+"""Generation: a preallocated KV cache, bucketed prefill, and the decode loop on device.
+
+The cache holds each row's tokens at the slot of their position ({"k", "v"}: [L, B, S, K, H]),
+with per-row lengths [B]. A ragged batch is right-padded only for prefill; row b's next token
+goes to slot lengths[b], so no row ever recomputes or attends to padding. Prefill lengths and
+cache sizes are rounded up to buckets, so a handful of shapes compile. The decode loop is one
+`lax.while_loop` (cache donated), stopping each row at a stop token or max_new_tokens.
+
+`init_cache`, `prefill` and `decode_step` are usable one step at a time (a continuous-batching
+server builds on them); `generate` is the whole job.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.model import Qwen2ForCausalLM
+from qwen2_jax.sampling import Sampling, choose
+from qwen2_jax.sharding import (
+    mesh_of,
+    named_sharding,
+    resolve_rules,
+    shard_input,
+    to_host,
+    use_mesh,
+)
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+MIN_BUCKET = 16
+
+
+def bucket(n: int) -> int:
+    """The compiled length for n tokens: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+def init_cache(config: Qwen2Config, batch: int, slots: int, dtype, mesh=None,
+               rules=None) -> dict:
+    """An empty cache {"k", "v"}: [L, B, S, K, H] in `dtype`, sharded over batch and kv heads
+    on `mesh` (rules as everywhere)."""
+    shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads,
+             config.head_size)
+    sharding = None if mesh is None else named_sharding(CACHE_AXES, shape, mesh,
+                                                        resolve_rules(rules))
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return {"k": zeros(), "v": zeros()}
+
+
+def _model(config, dtype, mesh, rules, params, cache, ids, cache_index, logits_at):
+    with use_mesh(mesh, rules):
+        return Qwen2ForCausalLM(config, dtype=dtype).apply(
+            {"params": params}, ids, None, None, None, cache=cache, cache_index=cache_index,
+            logits_at=logits_at)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
+                   donate_argnames=("cache",))
+def prefill(config, dtype, mesh, rules, params, cache, ids, lengths):
+    """Runs right-padded prompts ids [B, T] (lengths [B]) into an empty cache.
+
+    Returns (float32 logits [B, V] at each row's last prompt token, cache); the rows'
+    cache lengths are now `lengths`.
+    """
+    start = jnp.zeros_like(lengths)
+    return _model(config, dtype, mesh, rules, params, cache, ids, start, lengths - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
+                   donate_argnames=("cache",))
+def decode_step(config, dtype, mesh, rules, params, cache, lengths, tokens):
+    """Appends one token per row (tokens [B]) at slot lengths[b]; returns (float32 logits
+    [B, V] for the next token, cache). The caller adds 1 to lengths."""
+    return _model(config, dtype, mesh, rules, params, cache, tokens[:, None], lengths,
+                  jnp.zeros_like(lengths))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "sampling",
+                                             "max_new_tokens", "stream"),
+                   donate_argnames=("cache",))
+def _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens, stream, params, cache,
+                 lengths, logits, seen, stop_ids, key):
+    """Samples up to max_new_tokens per row on device. Returns (tokens [B, N] int32, the
+    number each row produced before its stop token or the limit [B], cache, lengths)."""
+    batch = logits.shape[0]
+    rows = jnp.arange(batch)
+
+    def body(state):
+        step, cache, lengths, logits, seen, out, done, count, key = state
+        key, step_key = jax.random.split(key)
+        token = choose(logits, seen, step_key, sampling)  # [B]
+        stopped = jnp.isin(token, stop_ids)
+        live = ~done & ~stopped
+        out = out.at[:, step].set(token)
+        count = count + live
+        if stream:  # hands each step's tokens to the host as they come; no round trip
+            io_callback(_stream_callback, None, token, live, ordered=True)
+        done = done | stopped | (step + 1 >= max_new_tokens)
+        seen = seen.at[rows, token].set(True)
+        logits, cache = _model(config, dtype, mesh, rules, params, cache, token[:, None],
+                               lengths, jnp.zeros_like(lengths))
+        return step + 1, cache, lengths + 1, logits, seen, out, done, count, key
+
+    def running(state):
+        step, *_, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32)
+    state = (jnp.int32(0), cache, lengths, logits, seen, out, jnp.zeros(batch, bool),
+             jnp.zeros(batch, jnp.int32), key)
+    _, cache, lengths, _, _, out, _, count, _ = jax.lax.while_loop(running, body, state)
+    return out, count, cache, lengths
+
+
+_stream_sink = None
+
+
+def _stream_callback(tokens, live):
+    if _stream_sink is not None:
+        _stream_sink(np.asarray(tokens), np.asarray(live))
+
+
+def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float | None = None,
+             stop_token_ids=None, seed: int = 0, *, vocab_size: int | None = None, dtype=None,
+             mesh=None, rules=None, on_tokens=None) -> list[list[int]]:
+    """Generated token ids per prompt (prompt and stop token excluded), as DESIGN.md.
+
+    prompts: token-id lists, ragged. temperature 0: greedy; else sampling with top_k, top_p,
+    min_p (transformers' semantics and order, after repetition_penalty). stop_token_ids: a row
+    ends at the first of them. seed: the same seed gives the same tokens. vocab_size: ids at or
+    past it are never produced (default config.vocab_size; pass the tokenizer's). dtype:
+    compute dtype (default the params'). on_tokens(tokens [B], live [B]): called on the host
+    with each step's tokens as they are produced (streaming).
+    """
+    global _stream_sink
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(vocab_size or config.vocab_size, temperature, top_k, top_p, min_p,
+                        repetition_penalty)
+    if any(not 0 <= t < config.vocab_size for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size})")
+    mesh = mesh if mesh is not None else mesh_of(params)
+    rules = resolve_rules(rules)
+    dtype = jnp.dtype(dtype) if dtype is not None else params["embed_tokens"]["embedding"].dtype
+
+    batch = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = bucket(int(lengths.max()))
+    slots = bucket(int(lengths.max()) + max_new_tokens)
+    ids = np.zeros((batch, width), np.int32)
+    seen = np.zeros((batch, config.vocab_size), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+        seen[row, prompt] = True
+    stops = np.unique(np.asarray(list(stop_token_ids or []) or [-1], np.int32))
+
+    if mesh is not None:
+        ids = shard_input(ids, mesh, ("batch", "length"), rules)
+        seen = shard_input(seen, mesh, ("batch", "vocab"), rules)
+    cache = init_cache(config, batch, slots, dtype, mesh, rules)
+    logits, cache = prefill(config, dtype, mesh, rules, params, cache, ids, jnp.asarray(lengths))
+    _stream_sink = on_tokens
+    try:
+        out, count, _, _ = _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens,
+                                  on_tokens is not None, params, cache, jnp.asarray(lengths),
+                                  logits, jnp.asarray(seen), jnp.asarray(stops),
+                                  jax.random.key(seed))
+        out, count = to_host(out), to_host(count)
+    finally:
+        _stream_sink = None
+    return [row[:n].tolist() for row, n in zip(np.asarray(out), np.asarray(count), strict=True)]
