@@ -91,7 +91,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_args(demo)
     _add_convert(sub)
     _add_export(sub)
+    _add_generate(sub)
     return parser
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser(
+        "generate", help="generate text from a prompt, streamed to stdout",
+        description="Generates from a prompt with the model folder's tokenizer (tokenizer.json) "
+        "and, with --chat, its chat template. Sampling defaults come from the folder's "
+        "generation_config.json (greedy without one, or when it does not say do_sample); the "
+        "flags override them. Stops at the generation config's and tokenizer's eos tokens. One "
+        "prompt streams its text as tokens arrive; --prompts-file runs one batch and prints a "
+        "JSON line per prompt.", epilog=MESH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("--model", required=True, metavar="PATH",
+                     help="a Hugging Face or Orbax model folder with a tokenizer")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="the prompt")
+    source.add_argument("--prompts-file", metavar="FILE",
+                        help="one prompt per non-empty line, generated as one batch")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
+    gen.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                     help="tokens to generate at most (default: generation_config or 128)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 = greedy; > 0 samples (default: generation_config)")
+    gen.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="keep the nucleus of mass p")
+    gen.add_argument("--min-p", type=float, default=None,
+                     help="drop tokens below min_p x the top probability")
+    gen.add_argument("--repetition-penalty", type=float, default=None,
+                     help="divide (multiply, if negative) the logits of seen tokens")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_mesh_args(gen)
 
 
 def _add_convert(sub) -> None:
@@ -193,6 +227,24 @@ def _convert_or_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from qwen2_jax.config import ConfigError
+    from qwen2_jax.generate_command import run
+    from qwen2_jax.hf_io import CheckpointError
+    from qwen2_jax.orbax_io import OrbaxCheckpointError
+    from qwen2_jax.tokenizer import TokenizerError
+
+    if args.system and not args.chat:
+        raise SystemExit("qwen2-jax generate: --system needs --chat")
+    mesh, rules = mesh_from_args(args)
+    try:
+        return run(args, mesh, rules)
+    except (ConfigError, CheckpointError, OrbaxCheckpointError, TokenizerError, ValueError,
+            OSError) as e:
+        print(f"qwen2-jax generate: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", force=True)
@@ -205,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(args)
     if args.command in ("convert", "export"):
         return _convert_or_export(args)
+    if args.command == "generate":
+        return _generate(args)
     raise AssertionError(args.command)
 
 
