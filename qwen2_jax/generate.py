@@ -52,9 +52,19 @@ def init_cache(config: Qwen2Config, batch: int, slots: int, dtype, mesh=None,
     return {"k": zeros(), "v": zeros()}
 
 
-def _model(config, dtype, mesh, rules, params, cache, ids, cache_index, logits_at):
+def unstack_layers(params: dict, layers: int) -> dict:
+    """Params for `Qwen2ForCausalLM(scan_layers=False)`: `layers` [L, ...] split into
+    `layers_0`.. (a copy of the layer weights, made once per generate call)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def _model(config, dtype, mesh, rules, params, cache, ids, cache_index, logits_at,
+           scan_layers=True):
     with use_mesh(mesh, rules):
-        return Qwen2ForCausalLM(config, dtype=dtype).apply(
+        return Qwen2ForCausalLM(config, dtype=dtype, scan_layers=scan_layers).apply(
             {"params": params}, ids, None, None, None, cache=cache, cache_index=cache_index,
             logits_at=logits_at)
 
@@ -89,6 +99,9 @@ def _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens, stream, p
     number each row produced before its stop token or the limit [B], cache, lengths)."""
     batch = logits.shape[0]
     rows = jnp.arange(batch)
+    # Per-layer weights and cache, split once here, so no step copies them out of [L, ...].
+    layer_params = unstack_layers(params, config.num_hidden_layers)
+    cache = {name: tuple(stacked) for name, stacked in cache.items()}
 
     def body(state):
         step, cache, lengths, logits, seen, out, done, count, key = state
@@ -102,8 +115,8 @@ def _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens, stream, p
             io_callback(_stream_callback, None, token, live, ordered=True)
         done = done | stopped | (step + 1 >= max_new_tokens)
         seen = seen.at[rows, token].set(True)
-        logits, cache = _model(config, dtype, mesh, rules, params, cache, token[:, None],
-                               lengths, jnp.zeros_like(lengths))
+        logits, cache = _model(config, dtype, mesh, rules, layer_params, cache, token[:, None],
+                               lengths, jnp.zeros_like(lengths), scan_layers=False)
         return step + 1, cache, lengths + 1, logits, seen, out, done, count, key
 
     def running(state):
@@ -114,7 +127,7 @@ def _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens, stream, p
     state = (jnp.int32(0), cache, lengths, logits, seen, out, jnp.zeros(batch, bool),
              jnp.zeros(batch, jnp.int32), key)
     _, cache, lengths, _, _, out, _, count, _ = jax.lax.while_loop(running, body, state)
-    return out, count, cache, lengths
+    return out, count, {name: jnp.stack(layers) for name, layers in cache.items()}, lengths
 
 
 _stream_sink = None
