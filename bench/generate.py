@@ -32,7 +32,7 @@ from transformers import Qwen2Config as HFQwen2Config
 from transformers import Qwen2ForCausalLM
 
 import qwen2_jax
-from qwen2_jax.generate import bucket, init_cache, prefill
+from qwen2_jax.decoding import bucket, init_cache, prefill
 
 
 def timed(fn, repeats: int) -> float:

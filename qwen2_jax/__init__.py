@@ -10,7 +10,7 @@ K kv heads, G query heads per kv head, H head_dim, V vocab, L layers, E experts.
 
 from qwen2_jax.api import forward, init, load, param_logical_axes
 from qwen2_jax.config import PRESETS, ConfigError, Qwen2Config
-from qwen2_jax.generate import generate
+from qwen2_jax.decoding import generate
 from qwen2_jax.hf_io import CheckpointError
 
 __version__ = "0.1.0"

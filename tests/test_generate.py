@@ -17,7 +17,7 @@ from transformers import (
 
 import qwen2_jax
 from conftest import make_hf_model
-from qwen2_jax.generate import decode_step, generate, init_cache, prefill
+from qwen2_jax.decoding import decode_step, generate, init_cache, prefill
 from qwen2_jax.sampling import Sampling, choose, process
 from qwen2_jax.sharding import make_mesh
 
