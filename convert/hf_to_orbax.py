@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from qwen2_jax.api import DTYPES, param_shardings
-from qwen2_jax.convert.mapping import TensorRule
+from qwen2_jax.convert.mapping import stacked_groups, stacked_shape
 from qwen2_jax.convert.output import atomic_folder, copy_model_files
 from qwen2_jax.convert.progress import Progress
 from qwen2_jax.hf_io import CheckpointError, HFCheckpoint, read_hf_config
@@ -43,30 +43,27 @@ def storage_dtype(ckpt: HFCheckpoint, dtype: str | None) -> np.dtype:
 
 def streamed_params(ckpt: HFCheckpoint, dtype: np.dtype, shardings: dict | None,
                     progress: Progress) -> dict:
-    """The param pytree as StreamedArray leaves reading from `ckpt`: per layer, per shard."""
-    by_path: dict[tuple[str, ...], list[TensorRule]] = {}
-    for rule in ckpt.rules:
-        by_path.setdefault(rule.path, []).append(rule)
+    """The param pytree as StreamedArray leaves reading from `ckpt`: per stacked item (layer,
+    expert), per shard."""
     tree: dict = {}
-    for path, rules in by_path.items():
-        stacked = rules[0].layer is not None
-        shape = ((len(rules),) if stacked else ()) + rules[0].our_shape
+    for path, group in stacked_groups(ckpt.rules).items():
+        shape = stacked_shape(group)
+        depth = len(next(iter(group)))  # leading stacked axes (layer, expert)
         sharding = shardings
         for key in path:
             sharding = sharding[key] if sharding is not None else None
         shard_shape = sharding.shard_shape(shape) if sharding is not None else shape
-        # One layer per block, so each chunk is one HF tensor's (a slice of it).
-        write_shape = (1, *shard_shape[1:]) if stacked else shard_shape
-        left = {r.hf_name: np.prod(r.our_shape) * dtype.itemsize for r in rules}
+        # One stacked item per block, so each chunk is one HF tensor's (a slice of it).
+        write_shape = (1,) * depth + tuple(shard_shape[depth:])
+        left = {r.hf_name: np.prod(r.our_shape) * dtype.itemsize for r in group.values()}
 
-        def read(index, out, rules=rules, stacked=stacked):
-            if stacked:  # one layer: the copy transposes and casts in one pass
-                np.copyto(out[0], ckpt.read(rules[index[0].start], index[1:]), casting="unsafe")
-            else:
-                np.copyto(out, ckpt.read(rules[0], index), casting="unsafe")
+        def read(index, out, group=group, depth=depth):
+            item = tuple(s.start for s in index[:depth])
+            # the copy transposes and casts in one pass
+            np.copyto(out[(0,) * depth], ckpt.read(group[item], index[depth:]), casting="unsafe")
 
-        def written(index, nbytes, rules=rules, stacked=stacked, left=left):
-            name = rules[index[0].start if stacked else 0].hf_name
+        def written(index, nbytes, group=group, depth=depth, left=left):
+            name = group[tuple(s.start for s in index[:depth])].hf_name
             left[name] -= nbytes
             progress.advance(nbytes, tensors=int(left[name] == 0))
 

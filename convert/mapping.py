@@ -18,11 +18,15 @@ from qwen2_jax.config import Qwen2Config
 class TensorRule:
     hf_name: str
     path: tuple[str, ...]  # our path in the param pytree
-    layer: int | None  # index on the stacked L axis, None for non-layer tensors
+    stack: tuple[int, ...]  # index on the leading stacked axes ([L] or [L, E]); () if none
     hf_shape: tuple[int, ...]
     our_shape: tuple[int, ...]  # per layer (without L)
     transpose: bool
     dims: str  # the config fields behind hf_shape, for error messages
+
+    @property
+    def layer(self) -> int | None:
+        return self.stack[0] if self.stack else None
 
     def hf_groups(self) -> list[tuple[int, ...]]:
         """For each HF dim (in HF order), the consecutive dims of our shape it unflattens into.
@@ -50,7 +54,10 @@ class TensorRule:
 
 
 def tensor_rules(config: Qwen2Config) -> list[TensorRule]:
-    """Every tensor of a Qwen2ForCausalLM checkpoint for this config, in file order."""
+    """Every tensor of a Qwen2ForCausalLM / Qwen2MoeForCausalLM checkpoint for this config.
+
+    Routed experts (`mlp.experts.J.*`) stack along a second leading axis of our
+    `mlp/experts/*` arrays ([L, E, ...]), after the layer axis."""
     c = config
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
@@ -58,13 +65,16 @@ def tensor_rules(config: Qwen2Config) -> list[TensorRule]:
     kv_heads = f"num_key_value_heads={k}, head_dim={h}, hidden_size={d}"
     mlp = f"intermediate_size={f}, hidden_size={d}"
 
-    rules = [TensorRule("model.embed_tokens.weight", ("embed_tokens", "embedding"), None,
+    rules = [TensorRule("model.embed_tokens.weight", ("embed_tokens", "embedding"), (),
                         (v, d), (v, d), False, f"vocab_size={v}, hidden_size={d}")]
+    stacked = c.uniform_layers  # else each layer is its own subtree `layers_i` (model.py)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
 
-        def rule(name, path, hf_shape, our_shape, transpose, dims, p=p, i=i):
-            return TensorRule(p + name, ("layers", *path), i, hf_shape, our_shape, transpose, dims)
+        def rule(name, path, hf_shape, our_shape, transpose, dims, p=p, i=i, expert=()):
+            where = ("layers", *path) if stacked else (f"layers_{i}", *path)
+            return TensorRule(p + name, where, ((i,) if stacked else ()) + expert, hf_shape,
+                              our_shape, transpose, dims)
 
         rules += [
             rule("input_layernorm.weight", ("input_layernorm", "scale"), (d,), (d,), False,
@@ -85,16 +95,45 @@ def tensor_rules(config: Qwen2Config) -> list[TensorRule]:
                  (n, h, d), True, heads),
             rule("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (d,),
                  (d,), False, f"hidden_size={d}"),
-            rule("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (f, d), (d, f), True, mlp),
-            rule("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (f, d), (d, f), True, mlp),
-            rule("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (d, f), (f, d), True, mlp),
         ]
-    rules.append(TensorRule("model.norm.weight", ("norm", "scale"), None, (d,), (d,), False,
+        if not c.sparse_layers[i]:
+            rules += _mlp_rules(rule, "mlp", ("mlp",), f, d, mlp)
+            continue
+        e, fe, fs = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+        rules.append(rule("mlp.gate.weight", ("mlp", "gate", "kernel"), (e, d), (d, e), True,
+                          f"num_experts={e}, hidden_size={d}"))
+        moe = f"moe_intermediate_size={fe}, hidden_size={d}"
+        for j in range(e):
+            rules += [
+                rule(f"mlp.experts.{j}.gate_proj.weight", ("mlp", "experts", "gate_proj"),
+                     (fe, d), (d, fe), True, moe, expert=(j,)),
+                rule(f"mlp.experts.{j}.up_proj.weight", ("mlp", "experts", "up_proj"),
+                     (fe, d), (d, fe), True, moe, expert=(j,)),
+                rule(f"mlp.experts.{j}.down_proj.weight", ("mlp", "experts", "down_proj"),
+                     (d, fe), (fe, d), True, moe, expert=(j,)),
+            ]
+        rules += _mlp_rules(rule, "mlp.shared_expert", ("mlp", "shared_expert"), fs, d,
+                            f"shared_expert_intermediate_size={fs}, hidden_size={d}")
+        rules.append(rule("mlp.shared_expert_gate.weight", ("mlp", "shared_expert_gate", "kernel"),
+                          (1, d), (d, 1), True, f"hidden_size={d}"))
+    rules.append(TensorRule("model.norm.weight", ("norm", "scale"), (), (d,), (d,), False,
                             f"hidden_size={d}"))
     if not c.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", ("lm_head", "embedding"), None, (v, d), (v, d),
+        rules.append(TensorRule("lm_head.weight", ("lm_head", "embedding"), (), (v, d), (v, d),
                                 False, f"vocab_size={v}, hidden_size={d}"))
     return rules
+
+
+def _mlp_rules(rule, hf_prefix: str, path: tuple[str, ...], f: int, d: int, dims: str) -> list:
+    """A SwiGLU MLP's three kernels (HF [out, in], ours [in, out])."""
+    return [
+        rule(f"{hf_prefix}.gate_proj.weight", (*path, "gate_proj", "kernel"), (f, d), (d, f), True,
+             dims),
+        rule(f"{hf_prefix}.up_proj.weight", (*path, "up_proj", "kernel"), (f, d), (d, f), True,
+             dims),
+        rule(f"{hf_prefix}.down_proj.weight", (*path, "down_proj", "kernel"), (d, f), (f, d), True,
+             dims),
+    ]
 
 
 def is_ignorable(name: str, config: Qwen2Config) -> bool:
@@ -106,3 +145,19 @@ def is_ignorable(name: str, config: Qwen2Config) -> bool:
     return (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith(
         "rotary_emb.inv_freq"
     )
+
+
+def stacked_groups(rules: list[TensorRule]) -> dict[tuple[str, ...], dict[tuple[int, ...], TensorRule]]:
+    """Rules by param path, then by stack index; each path's array is
+    [*stack extent, *our_shape] (see `stacked_shape`)."""
+    groups: dict[tuple[str, ...], dict[tuple[int, ...], TensorRule]] = {}
+    for rule in rules:
+        groups.setdefault(rule.path, {})[rule.stack] = rule
+    return groups
+
+
+def stacked_shape(group: dict[tuple[int, ...], TensorRule]) -> tuple[int, ...]:
+    """The full array shape of one path: stack extents, then the per-item shape."""
+    first = next(iter(group.values()))
+    extents = tuple(max(index[i] for index in group) + 1 for i in range(len(first.stack)))
+    return extents + first.our_shape

@@ -45,7 +45,7 @@ def parse_size(text: str | int) -> int:
 def _blocks(rule: TensorRule, array, dtype: np.dtype):
     """The tensor's bytes in HF layout as row blocks of at most CHUNK_BYTES (a whole layer's
     tensor for transposed kernels), read from the stored `array` (TensorStore)."""
-    layer = () if rule.layer is None else (rule.layer,)
+    layer = rule.stack
     if rule.transpose:
         yield rule.to_hf(array[layer].read().result()).astype(dtype)
         return

@@ -122,19 +122,33 @@ def _placement(config: Qwen2Config, mesh: Mesh | None, rules) -> dict:
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "remat", "mesh", "rules"))
-def _forward(config, dtype, remat, mesh, rules, params, input_ids, token_mask, positions,
-             segment_ids):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "remat", "mesh", "rules",
+                                             "moe_dispatch", "router_logits"))
+def _forward(config, dtype, remat, mesh, rules, moe_dispatch, router_logits, params, input_ids,
+             token_mask, positions, segment_ids):
     if positions is None:
         positions = positions_from_mask(token_mask, segment_ids)
-    model = Qwen2ForCausalLM(config, dtype=dtype, remat=remat)
+    model = Qwen2ForCausalLM(config, dtype=dtype, remat=remat, moe_dispatch=moe_dispatch)
     with use_mesh(mesh, rules):
-        return model.apply({"params": params}, input_ids, positions, token_mask, segment_ids)
+        if not router_logits:
+            return model.apply({"params": params}, input_ids, positions, token_mask, segment_ids)
+        logits, state = model.apply({"params": params}, input_ids, positions, token_mask,
+                                    segment_ids, mutable=["intermediates"])
+    return logits, sparse_router_logits(config, state["intermediates"])
+
+
+def sparse_router_logits(config: Qwen2Config, intermediates: dict) -> jax.Array:
+    """The sown router logits of every sparse layer, in layer order: [layers, N, E]."""
+    if "layers" in intermediates:  # scanned: already stacked over layers
+        return intermediates["layers"]["mlp"]["router_logits"][0]
+    return jnp.stack([intermediates[f"layers_{i}"]["mlp"]["router_logits"][0]
+                      for i, sparse in enumerate(config.sparse_layers) if sparse])
 
 
 def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *,
             position_ids=None, segment_ids=None, dtype=None, remat: str = "none",
-            mesh: Mesh | None = None, rules=None) -> jax.Array:
+            mesh: Mesh | None = None, rules=None, moe_dispatch: str = "sorted",
+            output_router_logits: bool = False):
     """Float32 logits [B, T, V] for int input_ids [B, T].
 
     attention_mask [B, T]: 1 = real token, 0 = padding (left or right), as in transformers.
@@ -144,7 +158,9 @@ def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *
     remat: one of REMAT_POLICIES (what the backward pass recomputes; no effect on values).
     mesh, rules: where activations go (default: the mesh the params live on, default rules);
     inputs may be host arrays every process holds in full. Logits come back sharded over
-    batch (and vocab) on the mesh.
+    batch (and vocab) on the mesh. moe_dispatch: "sorted" (each token through its top-k
+    experts only) or "dense" (every expert, the reference). output_router_logits: return
+    (logits, router logits [sparse layers, B*T, E]) for `moe.load_balancing_loss`.
     """
     mesh = mesh if mesh is not None else mesh_of(params)
     rules = resolve_rules(rules)
@@ -170,5 +186,9 @@ def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *
             None if x is None else shard_input(x, mesh, ("batch", "length"), rules)
             for x in (input_ids, token_mask, segment_ids, positions))
     dtype = jnp.dtype(dtype) if dtype is not None else params["embed_tokens"]["embedding"].dtype
-    return _forward(config, dtype, remat, mesh, rules, params, input_ids, token_mask, positions,
-                    segment_ids)
+    if moe_dispatch not in ("sorted", "dense"):
+        raise ValueError(f"moe_dispatch {moe_dispatch!r} is not 'sorted' or 'dense'")
+    if output_router_logits and not any(config.sparse_layers):
+        raise ValueError("output_router_logits needs a qwen2_moe config with sparse layers")
+    return _forward(config, dtype, remat, mesh, rules, moe_dispatch, output_router_logits, params,
+                    input_ids, token_mask, positions, segment_ids)

@@ -16,10 +16,15 @@ from typing import Any
 
 from flax.core import FrozenDict
 
-SUPPORTED_MODEL_TYPES = ("qwen2",)
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu",)
 LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# Qwen2-MoE's fields: written back to config.json only for model_type qwen2_moe.
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+              "mlp_only_layers", "router_aux_loss_coef")
 
 # Keys whose spelling differs between dialects; `hf_keys` records which ones a file used.
 _DIALECT_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "torch_dtype", "dtype")
@@ -83,11 +88,20 @@ class Qwen2Config:
     eos_token_id: int | tuple[int, ...] | None = None
     dtype: str | None = None
     model_type: str = "qwen2"
+    # Qwen2-MoE (model_type qwen2_moe; transformers' Qwen2MoeConfig defaults).
+    num_experts: int = 60
+    num_experts_per_tok: int = 4
+    moe_intermediate_size: int = 1408
+    shared_expert_intermediate_size: int = 5632
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
     hf_keys: tuple[str, ...] = ("rope_theta", "rope_scaling", "torch_dtype")
     extra: FrozenDict = dataclasses.field(default_factory=FrozenDict, compare=False)
 
     def __post_init__(self):
-        for name in ("rope_scaling", "layer_types", "eos_token_id", "extra"):
+        for name in ("rope_scaling", "layer_types", "eos_token_id", "extra", "mlp_only_layers"):
             object.__setattr__(self, name, _freeze(getattr(self, name)))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
@@ -123,6 +137,20 @@ class Qwen2Config:
         )
         return tuple(self.sliding_window if t == "sliding_attention" else 0 for t in types)
 
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Whether each layer's MLP is the sparse MoE block, as transformers decides it."""
+        if self.model_type != "qwen2_moe":
+            return (False,) * self.num_hidden_layers
+        return tuple(i not in self.mlp_only_layers and self.num_experts > 0
+                     and (i + 1) % self.decoder_sparse_step == 0
+                     for i in range(self.num_hidden_layers))
+
+    @property
+    def uniform_layers(self) -> bool:
+        """All layers have the same parameters (so they stack and scan)."""
+        return len(set(self.sparse_layers)) == 1
+
     # ----- validation ---------------------------------------------------------------------------
 
     def validate(self) -> None:
@@ -130,8 +158,8 @@ class Qwen2Config:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2 dense causal LMs; qwen2_moe arrives "
-                "with the MoE model, and qwen2_vl / llama / other families are out of scope)"
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2 dense and MoE causal LMs; qwen2_vl, "
+                "llama and other families are out of scope)"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads"):
@@ -170,6 +198,15 @@ class Qwen2Config:
             unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if unknown:
                 raise ConfigError(f"layer_types has {unknown}; expected only {list(LAYER_TYPES)}")
+        if self.model_type == "qwen2_moe" and any(self.sparse_layers):
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                         "decoder_sparse_step"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                                  f"num_experts={self.num_experts}")
         if self.use_sliding_window and self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
 
@@ -200,6 +237,8 @@ class Qwen2Config:
         """The `config.json` dict, with the keys the source file used."""
         out = dict(_thaw(self.extra))
         skip = {"rope_theta", "rope_scaling", "dtype", "hf_keys", "extra", "layer_types", "head_dim"}
+        if self.model_type != "qwen2_moe":
+            skip |= set(MOE_FIELDS)
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 out[f.name] = _thaw(getattr(self, f.name))
@@ -258,6 +297,15 @@ PRESETS: dict[str, Qwen2Config] = {
     "Qwen2-7B": _preset(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                         max_window_layers=28, tie_word_embeddings=False),
+    # 64 routed experts (top-8, 2560 wide) and a 20480-wide shared expert in every layer.
+    "Qwen2-57B-A14B": _preset(model_type="qwen2_moe", hidden_size=3584, intermediate_size=18944,
+                              num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                              vocab_size=151936, max_window_layers=28, tie_word_embeddings=False,
+                              num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
+                              shared_expert_intermediate_size=20480, norm_topk_prob=False,
+                              decoder_sparse_step=1, mlp_only_layers=(),
+                              router_aux_loss_coef=0.001,
+                              extra={"architectures": ["Qwen2MoeForCausalLM"]}),
     "Qwen2-72B": _preset(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                          num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
                          max_window_layers=80, tie_word_embeddings=False, rms_norm_eps=1e-5),

@@ -55,6 +55,8 @@ def init_cache(config: Qwen2Config, batch: int, slots: int, dtype, mesh=None,
 def unstack_layers(params: dict, layers: int) -> dict:
     """Params for `Qwen2ForCausalLM(scan_layers=False)`: `layers` [L, ...] split into
     `layers_0`.. (a copy of the layer weights, made once per generate call)."""
+    if "layers" not in params:  # a config whose layers differ never stacks them
+        return params
     out = {k: v for k, v in params.items() if k != "layers"}
     for i in range(layers):
         out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])

@@ -8,6 +8,7 @@ checkpoint fails in milliseconds with the tensor's name, file and the expected s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
@@ -17,7 +18,13 @@ import jax
 import numpy as np
 
 from qwen2_jax.config import ConfigError, Qwen2Config
-from qwen2_jax.convert.mapping import TensorRule, is_ignorable, tensor_rules
+from qwen2_jax.convert.mapping import (
+    TensorRule,
+    is_ignorable,
+    stacked_groups,
+    stacked_shape,
+    tensor_rules,
+)
 from qwen2_jax.safetensors_file import SafetensorsFile, SafetensorsFormatError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -166,13 +173,10 @@ def read_hf_params(folder: str, config: Qwen2Config, dtype: np.dtype,
     and put on those devices; nothing else of the tensor is read. Returns (params, bytes read).
     """
     ckpt = HFCheckpoint(folder, config)
-    by_path: dict[tuple[str, ...], list[TensorRule]] = {}
-    for rule in ckpt.rules:
-        by_path.setdefault(rule.path, []).append(rule)
     params: dict = {}
-    for path, rules in by_path.items():
-        stacked = rules[0].layer is not None
-        shape = ((len(rules),) if stacked else ()) + rules[0].our_shape
+    for path, group in stacked_groups(ckpt.rules).items():
+        shape = stacked_shape(group)
+        depth = len(next(iter(group)))  # leading stacked axes
         sharding = shardings
         for key in path:
             sharding = sharding[key]
@@ -183,11 +187,11 @@ def read_hf_params(folder: str, config: Qwen2Config, dtype: np.dtype,
             if key not in shards:
                 # Each read is a view of the file's bytes; this is the one copy (and cast).
                 buffer = host_buffer(tuple(b - a for a, b in key), dtype)
-                if stacked:  # one read per layer of the shard
-                    for i, layer in enumerate(range(*key[0])):
-                        buffer[i] = ckpt.read(rules[layer], index[1:])
-                else:
-                    buffer[...] = ckpt.read(rules[0], index)
+                starts = [a for a, _ in key[:depth]]
+                for item in itertools.product(*(range(a, b) for a, b in key[:depth])):
+                    # one read per stacked item (layer, expert) of the shard
+                    at = tuple(i - s for i, s in zip(item, starts, strict=True))
+                    buffer[at] = ckpt.read(group[item], index[depth:])
                 shards[key] = buffer
             arrays.append(jax.device_put(shards[key], device))
         node = params

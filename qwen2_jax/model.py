@@ -25,6 +25,7 @@ from qwen2_jax.attention import Attention
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import MLP, Dtype, Embedding, RMSNorm
 from qwen2_jax.masks import cache_masks, causal_mask, sliding_window_mask
+from qwen2_jax.moe import SparseMoE
 from qwen2_jax.rope import rope_cos_sin
 from qwen2_jax.sharding import constrain
 
@@ -40,11 +41,14 @@ REMAT_POLICIES = {
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: `h = x + attn(norm(x))`, `y = h + mlp(norm(h))`."""
+    """Pre-norm block: `h = x + attn(norm(x))`, `y = h + mlp(norm(h))`; the MLP is the sparse
+    MoE block when `sparse`."""
 
     config: Qwen2Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    sparse: bool = False
+    moe_dispatch: str = "sorted"
 
     @nn.compact
     def __call__(self, x, scanned, cos, sin, full_mask, window_mask, cache_index):
@@ -60,8 +64,12 @@ class DecoderLayer(nn.Module):
             attn, cache = attn
         h = x + attn
         mlp_in = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(h)
-        y = h + MLP(c.intermediate_size, c.initializer_range, self.dtype, self.param_dtype,
-                    name="mlp")(mlp_in)
+        if self.sparse:
+            mlp = SparseMoE(c, self.dtype, self.param_dtype, self.moe_dispatch, name="mlp")
+        else:
+            mlp = MLP(c.intermediate_size, c.initializer_range, self.dtype, self.param_dtype,
+                      name="mlp")
+        y = h + mlp(mlp_in)
         return constrain(y, ("batch", "length", "embed")), cache
 
 
@@ -86,6 +94,7 @@ class Qwen2ForCausalLM(nn.Module):
     # cache of per-layer arrays. Decoding on CPU runs ~2x faster so: XLA:CPU copies each
     # layer's weights out of the stacked array before its matmuls, tripling memory traffic.
     scan_layers: bool = True
+    moe_dispatch: str = "sorted"  # or "dense": every expert on every token (the reference)
 
     @nn.compact
     def __call__(self, input_ids, positions, token_mask, segment_ids, cache=None,
@@ -102,12 +111,13 @@ class Qwen2ForCausalLM(nn.Module):
 
         windows = c.layer_windows
         window = max(windows)
+        per_layer_cache = cache is not None and isinstance(cache["k"], tuple | list)
         if cache is None:
             full_mask = causal_mask(token_mask, segment_ids)  # [B, T, S]
             window_mask = sliding_window_mask(full_mask, window) if window else full_mask
         else:
             positions = cache_index[:, None] + jnp.arange(input_ids.shape[1])  # [B, T]
-            slots = (cache["k"].shape[2] if self.scan_layers else cache["k"][0].shape[1])
+            slots = cache["k"][0].shape[1] if per_layer_cache else cache["k"].shape[2]
             full_mask, window_mask = cache_masks(positions, slots, window)
         cos, sin = rope_cos_sin(c, positions, self.dtype)  # [B, T, H]
 
@@ -116,27 +126,31 @@ class Qwen2ForCausalLM(nn.Module):
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         sliding = jnp.asarray([w > 0 for w in windows])  # [L]
         layer_cache = None if cache is None else (cache["k"], cache["v"])  # [L, B, S, K, H]
-        if self.scan_layers:
+        sparse = c.sparse_layers
+        if self.scan_layers and c.uniform_layers:
             layers = nn.scan(
                 layer,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                          nn.broadcast),
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.dtype, self.param_dtype, name="layers")
+            )(c, self.dtype, self.param_dtype, sparse[0], self.moe_dispatch, name="layers")
             x, layer_cache = layers(x, (sliding, layer_cache), cos, sin, full_mask,
                                     window_mask, cache_index)
-        else:  # layer_cache: per-layer tuples of [B, S, K, H]
+        else:  # a Python loop; layer i's cache is layer_cache[.][i]: [B, S, K, H]
             updated = []
             for i in range(c.num_hidden_layers):
                 this_cache = None if cache is None else (layer_cache[0][i], layer_cache[1][i])
-                x, this_cache = layer(c, self.dtype, self.param_dtype, name=f"layers_{i}")(
+                x, this_cache = layer(c, self.dtype, self.param_dtype, sparse[i],
+                                      self.moe_dispatch, name=f"layers_{i}")(
                     x, (sliding[i], this_cache), cos, sin, full_mask, window_mask, cache_index)
                 updated.append(this_cache)
             if cache is not None:
                 layer_cache = tuple(zip(*updated, strict=True))
+                if not per_layer_cache:
+                    layer_cache = tuple(jnp.stack(c_) for c_ in layer_cache)
 
         if logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]

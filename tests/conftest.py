@@ -71,3 +71,21 @@ def qwen2_tokenizer_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen2_tokenizer")
     write_qwen2_tokenizer(str(folder))
     return folder
+
+
+MOE = dict(vocab_size=97, hidden_size=40, intermediate_size=52, moe_intermediate_size=24,
+           shared_expert_intermediate_size=44, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1,
+           mlp_only_layers=[])
+
+
+def make_hf_moe_model(folder, seed: int = 0, dtype=torch.float32, **overrides):
+    """Builds, randomizes and saves a tiny Qwen2MoeForCausalLM; returns the float32 model."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**{**MOE, **overrides})).eval()
+    randomize(model, seed)
+    copy.deepcopy(model).to(dtype).save_pretrained(folder)
+    return model

@@ -12,12 +12,13 @@ import pytest
 import qwen2_jax
 from qwen2_jax import PRESETS, Qwen2Config
 from qwen2_jax.api import _forward
-from qwen2_jax.convert.mapping import tensor_rules
+from qwen2_jax.convert.mapping import stacked_groups, stacked_shape, tensor_rules
 from qwen2_jax.masks import causal_mask, positions_from_mask, sliding_window_mask
 from qwen2_jax.model import REMAT_POLICIES
 from qwen2_jax.sharding import DEFAULT_RULES
 
-LOGICAL_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers"}
+LOGICAL_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "layers",
+                 None}
 SMALL = Qwen2Config(vocab_size=37, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
                     num_attention_heads=6, num_key_value_heads=2)
 
@@ -69,10 +70,8 @@ def test_init_layout_equals_the_name_table(tied):
     shapes = jax.eval_shape(lambda: qwen2_jax.init(config, jax.random.key(0)))
     flat = {tuple(k.key for k in path): leaf.shape
             for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
-    from_table = {}
-    for rule in tensor_rules(config):
-        stack = () if rule.layer is None else (config.num_hidden_layers,)
-        from_table[rule.path] = (*stack, *rule.our_shape)
+    from_table = {path: stacked_shape(group)
+                  for path, group in stacked_groups(tensor_rules(config)).items()}
     assert flat == from_table
 
 
@@ -98,6 +97,6 @@ def test_scan_compiles_one_layer_body():
         params = jax.eval_shape(lambda: qwen2_jax.init(config, jax.random.key(0)))
         ids = jnp.zeros((1, 4), jnp.int32)
         return _forward.lower(config, jnp.dtype(jnp.float32), "none", None, DEFAULT_RULES,
-                              params, ids, ids + 1, None, ids).as_text()
+                              "sorted", False, params, ids, ids + 1, None, ids).as_text()
 
     assert abs(len(text(2)) - len(text(12))) < 200

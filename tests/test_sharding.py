@@ -200,8 +200,8 @@ def test_activations_are_constrained_at_layer_boundaries():
     ids = np.zeros((8, 4), np.int32)
 
     def program(mesh):
-        return _forward.lower(config, np.dtype(np.float32), "none", mesh, DEFAULT_RULES, params,
-                              ids, ids + 1, None, ids).as_text()
+        return _forward.lower(config, np.dtype(np.float32), "none", mesh, DEFAULT_RULES, "sorted",
+                              False, params, ids, ids + 1, None, ids).as_text()
 
     text = program(mesh)
     assert text.count("sharding_constraint") == 7
