@@ -92,7 +92,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_export(sub)
     _add_generate(sub)
+    _add_sft(sub)
     return parser
+
+
+def _add_sft(sub) -> None:
+    sft = sub.add_parser(
+        "sft", help="supervised fine-tuning on chat JSONL",
+        description="Fine-tunes on JSONL lines {\"messages\": [...]} or {\"prompt\", "
+        "\"completion\"}, rendered with the model's chat template; the loss is on assistant "
+        "tokens only unless --train-on-prompt. Examples are packed several per row (attention "
+        "never crosses them). Logs OUT/metrics.jsonl (step, loss, lr, grad_norm, tokens_per_s, "
+        "eval_loss), saves Orbax checkpoints in OUT/checkpoints every --save-every steps and at "
+        "the end (the last --keep), and writes the trained model to OUT/final, which load, "
+        "generate and export accept. --resume continues from the latest checkpoint exactly.",
+        epilog=MESH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sft.add_argument("--model", required=True, metavar="PATH", help="HF or Orbax model folder")
+    sft.add_argument("--data", required=True, metavar="FILE", help="training JSONL")
+    sft.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    sft.add_argument("--eval-data", metavar="FILE", help="JSONL evaluated at every save")
+    sft.add_argument("--max-len", type=int, default=2048, help="row length in tokens")
+    sft.add_argument("--drop-long", action="store_true",
+                     help="drop examples longer than --max-len (default: truncate); counted")
+    sft.add_argument("--train-on-prompt", action="store_true",
+                     help="train on every token, not only the assistant's")
+    sft.add_argument("--skip-bad-lines", action="store_true",
+                     help="skip and count malformed lines instead of stopping at the first")
+    sft.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    sft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    sft.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    sft.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    sft.add_argument("--decay", choices=("cosine", "linear"), default="cosine")
+    sft.add_argument("--weight-decay", type=float, default=0.0)
+    sft.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clipping")
+    length = sft.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=1)
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps in all")
+    sft.add_argument("--save-every", type=int, default=100, help="checkpoint interval (steps)")
+    sft.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    sft.add_argument("--seed", type=int, default=0, help="data order seed")
+    sft.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    sft.add_argument("--remat", default="none", help="none, full, dots, dots_no_batch")
+    sft.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="float32",
+                     help="matmul dtype (master weights stay float32); bfloat16 on accelerators")
+    sft.add_argument("--no-progress", action="store_true")
+    add_mesh_args(sft)
 
 
 def _add_generate(sub) -> None:
@@ -245,6 +289,31 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
 
 
+def _sft(args: argparse.Namespace) -> int:
+    import json
+
+    from qwen2_jax.config import ConfigError
+    from qwen2_jax.train.data import DataError
+    from qwen2_jax.train.trainer import SFTArgs, run
+
+    mesh, rules = mesh_from_args(args)
+    sft = SFTArgs(model=args.model, data=args.data, out=args.out, eval_data=args.eval_data,
+                  max_len=args.max_len, overflow="drop" if args.drop_long else "truncate",
+                  train_on_prompt=args.train_on_prompt, skip_bad_lines=args.skip_bad_lines,
+                  batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                  warmup=args.warmup, decay=args.decay, weight_decay=args.weight_decay,
+                  clip_norm=args.clip_norm, epochs=args.epochs, steps=args.steps,
+                  save_every=args.save_every, keep=args.keep, seed=args.seed,
+                  resume=args.resume, remat=args.remat, compute_dtype=args.compute_dtype,
+                  progress=not args.no_progress)
+    try:
+        print(json.dumps(run(sft, mesh, rules)))
+    except (DataError, ConfigError, ValueError, OSError) as e:
+        print(f"qwen2-jax sft: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", force=True)
@@ -259,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return _convert_or_export(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "sft":
+        return _sft(args)
     raise AssertionError(args.command)
 
 
