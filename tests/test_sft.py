@@ -103,3 +103,54 @@ def test_bad_data_line_stops_with_file_and_line(tmp_path, chat_model):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "bad.jsonl:2: expected 'messages', or 'prompt' and 'completion'" in out.stderr
+
+
+def test_a_tiny_model_learns_a_chat_task_and_answers_held_out_prompts(tmp_path):
+    """Swap two digits ("echo 3 7" -> "7 3"): trained on 80 pairs, asked the 20 others."""
+    from tokenizers import Tokenizer as WordTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import Qwen2Config as HFQwen2Config
+    from transformers import Qwen2ForCausalLM
+
+    from qwen2_jax.tokenizer import Tokenizer
+    from qwen2_jax.train.trainer import SFTArgs, run
+
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant",
+             "echo", *map(str, range(10))]
+    tokenizer = WordTokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                               unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.add_special_tokens(words[:3])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    template = ("{% for m in messages %}{{ '<|im_start|> ' + m['role'] + ' ' + m['content'] + "
+                "' <|im_end|> ' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|> assistant ' }}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "eos_token": "<|im_end|>"}))
+    import torch
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(HFQwen2Config(vocab_size=len(words), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)).save_pretrained(tmp_path)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(0).shuffle(pairs)
+    train, held_out = pairs[:80], pairs[80:]
+    (tmp_path / "train.jsonl").write_text("".join(
+        json.dumps({"prompt": f"echo {a} {b}", "completion": f"{b} {a}"}) + "\n"
+        for a, b in train))
+
+    run(SFTArgs(model=str(tmp_path), data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "out"),
+                max_len=64, batch_size=8, lr=3e-3, warmup=10, steps=150, save_every=1000,
+                progress=False))
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < 0.05 * records[0]["loss"]
+
+    chat = Tokenizer(str(tmp_path))
+    config, params = qwen2_jax.load(tmp_path / "out" / "final")
+    prompts = [chat.encode(chat.apply_chat_template([{"role": "user", "content": f"echo {a} {b}"}]))
+               for a, b in held_out]
+    answers = qwen2_jax.generate(config, params, prompts, max_new_tokens=4,
+                                 stop_token_ids=[chat.token_id("<|im_end|>")])
+    assert [chat.decode(x) for x in answers] == [f"{b} {a}" for a, b in held_out]

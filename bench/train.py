@@ -1,0 +1,108 @@
+"""Training speed of a ~100M-parameter Qwen2-shaped model: qwen2-jax vs transformers + torch.
+
+Same config, batch shape and optimizer (AdamW, float32) in one run: our jitted train step
+(loss over every token, global-norm clipping) against transformers' forward with labels,
+backward and torch.optim.AdamW with clipping. Reports training tokens/s of each and the model
+FLOPs behind the MFU figure used on accelerators:
+
+    MFU = tokens/s * (6 * N + 12 * L * T * D) / peak FLOP/s
+
+(N parameters without the embedding lookup, L layers, T sequence length, D hidden size; 6N
+for the matmuls forward and backward, 12LTD for attention scores and values.) Prints one JSON
+line; pass --peak-tflops for the device's peak to get MFU.
+
+    .venv/bin/python bench/train.py [--batch 4 --length 256 --steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import Qwen2Config as HFQwen2Config
+from transformers import Qwen2ForCausalLM
+
+import qwen2_jax
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.train.step import TrainConfig, optimizer, train_step
+
+CONFIG = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                     num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=4,
+                     tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+def median_step_seconds(step, steps: int) -> float:
+    step()
+    step()  # compile / warm up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    args = parser.parse_args()
+    c = CONFIG
+    ids = np.random.default_rng(0).integers(0, c.vocab_size, (args.batch, args.length))
+    tokens = ids.size
+
+    params = qwen2_jax.init(c, jax.random.key(0))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    train = TrainConfig(learning_rate=1e-4, total_steps=1000)
+    state = {"params": params, "opt": optimizer(train).init(params)}
+    batch = {"tokens": jnp.asarray(ids, jnp.int32)[None],
+             "segment_ids": jnp.ones((1, *ids.shape), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(args.length), (1, *ids.shape)),
+             "weights": jnp.ones((1, *ids.shape), jnp.float32).at[..., -1].set(0.0)}
+
+    def ours_step():
+        state["params"], state["opt"], m = train_step(c, train, jnp.float32, None, (),
+                                                      state["params"], state["opt"], batch, 0)
+        m["loss"].block_until_ready()
+
+    ours = median_step_seconds(ours_step, args.steps)
+    state.clear()  # frees our params and optimizer state before torch builds its model
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(HFQwen2Config.from_dict(c.to_hf())).train()
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    labels = torch.as_tensor(ids)
+
+    def theirs_step():
+        loss = model(labels, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        adam.step()
+        adam.zero_grad(set_to_none=True)
+
+    theirs = median_step_seconds(theirs_step, args.steps)
+    flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * \
+        args.length * c.hidden_size  # tied: the table counts once, as the lm_head matmul
+    report = {"bench": "train", "params_m": round(n_params / 1e6, 1), "batch": args.batch,
+              "length": args.length, "dtype": "float32",
+              "qwen2_jax_tokens_per_s": round(tokens / ours, 1),
+              "transformers_tokens_per_s": round(tokens / theirs, 1),
+              "ratio": round(theirs / ours, 3),
+              "model_flops_per_token": flops_per_token,
+              "qwen2_jax_model_tflops": round(tokens / ours * flops_per_token / 1e12, 3),
+              "mfu_formula": "tokens_per_s * (6 * N + 12 * L * T * D) / peak_flops"}
+    if args.peak_tflops:
+        report["qwen2_jax_mfu"] = round(report["qwen2_jax_model_tflops"] / args.peak_tflops, 4)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
