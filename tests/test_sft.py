@@ -51,14 +51,18 @@ def losses(out) -> dict[int, float]:
 
 
 def test_resume_after_kill_logs_the_same_losses(tmp_path, chat_model):
-    whole = subprocess.run(sft_command(chat_model, tmp_path / "a"), capture_output=True,
-                           text=True, timeout=600)
+    whole = subprocess.run(sft_command(chat_model, tmp_path / "a", "--eval-data",
+                                       str(chat_model / "train.jsonl")),
+                           capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr
     expected = losses(tmp_path / "a")
     assert sorted(expected) == list(range(1, 9))
     records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(records[0])
     assert records[0]["lr"] == 0.0 and records[1]["lr"] == pytest.approx(5e-4)  # warmup
+    evaluated = [r["step"] for r in records if "eval_loss" in r]
+    assert evaluated == [2, 4, 6, 8]  # at every save
+    assert records[7]["eval_loss"] < records[1]["eval_loss"]
 
     killed = subprocess.Popen(sft_command(chat_model, tmp_path / "b"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
