@@ -128,7 +128,10 @@ def run(args: SFTArgs, mesh=None, rules=None) -> dict:
         params, opt_state = restored["params"], restored["opt_state"]
         _truncate_metrics(metrics_path, step)
         logger.info("resumed from step %d", step)
-    elif not args.resume and os.path.exists(metrics_path):
+    elif checkpoints.latest_step() is not None:
+        raise ValueError(f"{args.out} already has checkpoints (step {checkpoints.latest_step()}); "
+                         "pass --resume to continue, or choose another --out")
+    elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
     epoch_batches: dict[int, list] = {}
