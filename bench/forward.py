@@ -25,7 +25,11 @@ from transformers import Qwen2ForCausalLM
 import qwen2_jax
 
 
-def median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int, warmup: int = 0) -> float:
+    """Median wall seconds of fn() over `repeats` calls, after `warmup` untimed calls (the
+    other benchmarks time with this too)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -21,29 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from forward import median_seconds
 from transformers import Qwen2Config as HFQwen2Config
 from transformers import Qwen2ForCausalLM
 
 import qwen2_jax
 from qwen2_jax.decoding import bucket, init_cache, prefill
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matvec_bandwidth(nbytes: int) -> float:
@@ -52,7 +41,8 @@ def matvec_bandwidth(nbytes: int) -> float:
     matrix = jnp.ones((nbytes // 4 // cols, cols), jnp.float32)
     vector = jnp.ones((cols,), jnp.float32)
     product = jax.jit(lambda m, v: m @ v)
-    seconds = timed(lambda: product(matrix, vector).block_until_ready(), 5)
+    seconds = median_seconds(lambda: product(matrix, vector).block_until_ready(), 5,
+                             warmup=1)
     return matrix.nbytes / seconds
 
 
@@ -73,9 +63,9 @@ def measure_ours(config, long_prompt, prompts, n: int, repeats: int) -> tuple[di
     def run_generate(batch):
         qwen2_jax.generate(config, params, batch, max_new_tokens=n)
 
-    speeds = {"prefill": length / timed(run_prefill, repeats),
-              "decode_b1": n / timed(lambda: run_generate(prompts[:1]), 1),
-              "decode_b16": 16 * n / timed(lambda: run_generate(prompts), 1)}
+    speeds = {"prefill": length / median_seconds(run_prefill, repeats, warmup=1),
+              "decode_b1": n / median_seconds(lambda: run_generate(prompts[:1]), 1, warmup=1),
+              "decode_b16": 16 * n / median_seconds(lambda: run_generate(prompts), 1, warmup=1)}
     return speeds, sum(x.nbytes for x in jax.tree.leaves(params)), first_call
 
 
@@ -94,9 +84,9 @@ def measure_transformers(config, long_prompt, prompts, n: int, repeats: int, dty
             model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n,
                            min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    return {"prefill": long_prompt.shape[1] / timed(run_prefill, repeats),
-            "decode_b1": n / timed(lambda: run_generate(prompts[:1]), 1),
-            "decode_b16": 16 * n / timed(lambda: run_generate(prompts), 1)}
+    return {"prefill": long_prompt.shape[1] / median_seconds(run_prefill, repeats, warmup=1),
+            "decode_b1": n / median_seconds(lambda: run_generate(prompts[:1]), 1, warmup=1),
+            "decode_b16": 16 * n / median_seconds(lambda: run_generate(prompts), 1, warmup=1)}
 
 
 def main() -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import numpy as np
 import torch
+from forward import median_seconds
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 import qwen2_jax
@@ -31,16 +30,6 @@ CONFIG = dict(model_type="qwen2_moe", vocab_size=4096, hidden_size=512, intermed
               decoder_sparse_step=1, mlp_only_layers=(), norm_topk_prob=False)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -52,7 +41,8 @@ def main() -> None:
     tokens = ids.size
 
     params = qwen2_jax.init(config, jax.random.key(0))
-    ours = timed(lambda: qwen2_jax.forward(config, params, ids).block_until_ready(), args.repeats)
+    ours = median_seconds(lambda: qwen2_jax.forward(config, params, ids).block_until_ready(),
+                          args.repeats, warmup=1)
 
     # Rows the sorted dispatch computes for this batch's routing in the first layer.
     x = np.asarray(jax.random.normal(jax.random.key(1), (tokens, config.hidden_size)))
@@ -68,7 +58,7 @@ def main() -> None:
         with torch.no_grad():
             hf(batch)
 
-    theirs = timed(theirs_once, args.repeats)
+    theirs = median_seconds(theirs_once, args.repeats, warmup=1)
     print(json.dumps({
         "bench": "moe_forward", "config": {k: v for k, v in CONFIG.items() if k != "model_type"},
         "batch": args.batch, "length": args.length, "dtype": "float32",

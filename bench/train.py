@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from forward import median_seconds
 from transformers import Qwen2Config as HFQwen2Config
 from transformers import Qwen2ForCausalLM
 
@@ -35,17 +34,6 @@ from qwen2_jax.train.step import TrainConfig, optimizer, train_step
 CONFIG = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                      num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=4,
                      tie_word_embeddings=True, max_position_embeddings=4096)
-
-
-def median_step_seconds(step, steps: int) -> float:
-    step()
-    step()  # compile / warm up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,7 +61,7 @@ def main() -> None:
                                                       state["params"], state["opt"], batch, 0)
         m["loss"].block_until_ready()
 
-    ours = median_step_seconds(ours_step, args.steps)
+    ours = median_seconds(ours_step, args.steps, warmup=2)
     state.clear()  # frees our params and optimizer state before torch builds its model
 
     torch.manual_seed(0)
@@ -88,7 +76,7 @@ def main() -> None:
         adam.step()
         adam.zero_grad(set_to_none=True)
 
-    theirs = median_step_seconds(theirs_step, args.steps)
+    theirs = median_seconds(theirs_step, args.steps, warmup=2)
     flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * \
         args.length * c.hidden_size  # tied: the table counts once, as the lm_head matmul
     report = {"bench": "train", "params_m": round(n_params / 1e6, 1), "batch": args.batch,

@@ -81,7 +81,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, mesh=None, rule
 
     dtype: storage dtype (default: the source's). mesh, rules: lay chunks out as the shards of
     this mesh, so a restore onto it reads exactly its shards (default: one chunk per layer
-    and tensor, split to at most 16 MiB). Returns a summary dict.
+    and tensor, split to at most 4 MiB). Returns a summary dict.
     """
     if jax.process_count() > 1:
         raise ValueError("convert runs as a single process; --mesh only sets the chunk layout")

@@ -179,7 +179,7 @@ def _add_convert(sub) -> None:
         "checkpoint folder: params/ (the parameter pytree, Orbax), config.json, the tokenizer "
         "and generation files the source has, and qwen2_jax.json (format version, dtype, "
         "source). Streams: each chunk is read, transposed, cast and written in turn, so memory "
-        "holds a few chunks (16 MiB each at most), never the model. Everything goes into a "
+        "holds a few chunks (4 MiB each at most), never the model. Everything goes into a "
         "hidden temporary folder beside OUT_DIR, renamed to OUT_DIR when complete; on an error, "
         "Ctrl-C or SIGTERM it is removed. Prints one JSON line.")
     convert.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder")

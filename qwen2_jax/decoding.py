@@ -48,8 +48,8 @@ def init_cache(config: Qwen2Config, batch: int, slots: int, dtype, mesh=None,
              config.head_size)
     sharding = None if mesh is None else named_sharding(CACHE_AXES, shape, mesh,
                                                         resolve_rules(rules))
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return {"k": zeros(), "v": zeros()}
+    # Created in place, shard by shard (no per-call jit to compile).
+    return {name: jnp.zeros(shape, dtype, device=sharding) for name in ("k", "v")}
 
 
 def unstack_layers(params: dict, layers: int) -> dict:

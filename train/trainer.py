@@ -10,6 +10,7 @@ export accept.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -77,13 +78,17 @@ def _batches(examples, args: SFTArgs, epoch: int) -> list[dict[str, np.ndarray]]
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"))
+def _summed_loss(config, dtype, mesh, rules, params, batch):
+    return token_losses(config, params, batch, dtype, "none", mesh, rules).sum()
+
+
 def _eval_loss(config, params, examples, args: SFTArgs, dtype, mesh, rules) -> float:
     rows = pack(examples, args.max_len, 0)
     total, count = 0.0, 0.0
-    loss = jax.jit(lambda p, b: token_losses(config, p, b, dtype, "none", mesh, rules).sum())
     for start in range(0, len(rows["tokens"]), args.batch_size):
         batch = {k: jnp.asarray(v[start:start + args.batch_size]) for k, v in rows.items()}
-        total += float(loss(params, batch))
+        total += float(_summed_loss(config, dtype, mesh, rules, params, batch))
         count += float(batch["weights"].sum())
     return total / max(count, 1.0)
 
@@ -102,7 +107,8 @@ def run(args: SFTArgs, mesh=None, rules=None) -> dict:
         eval_examples, _ = load_examples(args.eval_data, tokenizer, args.max_len, args.overflow,
                                          args.train_on_prompt, args.skip_bad_lines)
     config, params = qwen2_jax.load(args.model, dtype="float32", mesh=mesh, rules=rules)
-    steps_per_epoch = len(_batches(examples, args, 0))
+    epoch_batches = {0: _batches(examples, args, 0)}  # only the current epoch is kept
+    steps_per_epoch = len(epoch_batches[0])
     total = args.steps or args.epochs * steps_per_epoch
     train = TrainConfig(args.lr, args.warmup, total, args.decay, args.weight_decay,
                         args.clip_norm, args.grad_accum, args.remat)
@@ -134,7 +140,6 @@ def run(args: SFTArgs, mesh=None, rules=None) -> dict:
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    epoch_batches: dict[int, list] = {}
     bar = tqdm(total=total, initial=step, desc="sft", disable=not args.progress,
                dynamic_ncols=True)
     with open(metrics_path, "a", encoding="utf-8") as log:
