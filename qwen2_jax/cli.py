@@ -93,7 +93,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_generate(sub)
     _add_sft(sub)
+    _add_dpo(sub)
     return parser
+
+
+def _add_train_args(parser: argparse.ArgumentParser, unit: str, max_len: int,
+                    lr: float) -> None:
+    """The flags sft and dpo share (TrainArgs)."""
+    parser.add_argument("--model", required=True, metavar="PATH", help="HF or Orbax model folder")
+    parser.add_argument("--data", required=True, metavar="FILE", help="training JSONL")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--eval-data", metavar="FILE", help="JSONL evaluated at every save")
+    parser.add_argument("--max-len", type=int, default=max_len,
+                        help=f"tokens per sequence (default {max_len})")
+    parser.add_argument("--drop-long", action="store_true",
+                        help="drop examples longer than --max-len (default: truncate); counted")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip and count malformed lines instead of stopping at the first")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help=f"{unit} per micro-batch (default 8)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    parser.add_argument("--decay", choices=("cosine", "linear"), default="cosine")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clipping")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=1)
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps in all")
+    parser.add_argument("--save-every", type=int, default=100,
+                        help="checkpoint interval (steps)")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    parser.add_argument("--seed", type=int, default=0, help="data order seed")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint")
+    parser.add_argument("--remat", default="none", help="none, full, dots, dots_no_batch")
+    parser.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="matmul dtype (master weights stay float32); bfloat16 on "
+                        "accelerators")
+    parser.add_argument("--no-progress", action="store_true")
+    add_mesh_args(parser)
+
+
+TRAIN_OUTPUT = ("saves Orbax checkpoints in OUT/checkpoints every --save-every steps and at the "
+                "end (the last --keep), and writes the trained model to OUT/final, which load, "
+                "generate and export accept. --resume continues from the latest checkpoint "
+                "exactly.")
 
 
 def _add_sft(sub) -> None:
@@ -103,40 +148,48 @@ def _add_sft(sub) -> None:
         "\"completion\"}, rendered with the model's chat template; the loss is on assistant "
         "tokens only unless --train-on-prompt. Examples are packed several per row (attention "
         "never crosses them). Logs OUT/metrics.jsonl (step, loss, lr, grad_norm, tokens_per_s, "
-        "eval_loss), saves Orbax checkpoints in OUT/checkpoints every --save-every steps and at "
-        "the end (the last --keep), and writes the trained model to OUT/final, which load, "
-        "generate and export accept. --resume continues from the latest checkpoint exactly.",
+        "eval_loss), " + TRAIN_OUTPUT,
         epilog=MESH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sft.add_argument("--model", required=True, metavar="PATH", help="HF or Orbax model folder")
-    sft.add_argument("--data", required=True, metavar="FILE", help="training JSONL")
-    sft.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    sft.add_argument("--eval-data", metavar="FILE", help="JSONL evaluated at every save")
-    sft.add_argument("--max-len", type=int, default=2048, help="row length in tokens")
-    sft.add_argument("--drop-long", action="store_true",
-                     help="drop examples longer than --max-len (default: truncate); counted")
+    _add_train_args(sft, "rows", 2048, 1e-5)
     sft.add_argument("--train-on-prompt", action="store_true",
                      help="train on every token, not only the assistant's")
-    sft.add_argument("--skip-bad-lines", action="store_true",
-                     help="skip and count malformed lines instead of stopping at the first")
-    sft.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
-    sft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    sft.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    sft.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    sft.add_argument("--decay", choices=("cosine", "linear"), default="cosine")
-    sft.add_argument("--weight-decay", type=float, default=0.0)
-    sft.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clipping")
-    length = sft.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=1)
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps in all")
-    sft.add_argument("--save-every", type=int, default=100, help="checkpoint interval (steps)")
-    sft.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    sft.add_argument("--seed", type=int, default=0, help="data order seed")
-    sft.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    sft.add_argument("--remat", default="none", help="none, full, dots, dots_no_batch")
-    sft.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="float32",
-                     help="matmul dtype (master weights stay float32); bfloat16 on accelerators")
-    sft.add_argument("--no-progress", action="store_true")
-    add_mesh_args(sft)
+
+
+def _add_dpo(sub) -> None:
+    dpo = sub.add_parser(
+        "dpo", help="Direct Preference Optimization on preference JSONL",
+        description="DPO as trl 1.16's DPOTrainer computes it. Data: JSONL lines {\"prompt\", "
+        "\"chosen\", \"rejected\"} as strings (EOS appended) or message lists (chat template), "
+        "or {\"chosen\", \"rejected\"} alone with the prompt shared by both. Only completion "
+        "tokens are scored; chosen and rejected go through one forward. The reference is a "
+        "frozen copy of --ref-model (default: --model) sharded like the policy, or with "
+        "--precompute-ref a pass before training that stores its log-probs (it then leaves "
+        "memory). Logs OUT/metrics.jsonl (step, loss, rewards/chosen, rewards/rejected, "
+        "rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, nll_loss with "
+        "--rpo-alpha, lr, grad_norm, tokens_per_s, and eval_* at each save with --eval-data), "
+        + TRAIN_OUTPUT,
+        epilog=MESH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(dpo, "preference pairs", 1024, 1e-6)
+    group = dpo.add_argument_group("DPO")
+    group.add_argument("--max-prompt-len", type=int, default=None, metavar="N",
+                       help="keep only the last N prompt tokens (counted); default: no limit "
+                       "beyond --max-len")
+    group.add_argument("--loss", choices=("sigmoid", "robust", "hinge", "ipo"),
+                       default="sigmoid", help="DPO loss (default sigmoid)")
+    group.add_argument("--beta", type=float, default=0.1,
+                       help="deviation from the reference: higher stays closer (default 0.1)")
+    group.add_argument("--label-smoothing", type=float, default=0.0, metavar="E",
+                       help="probability that a label is flipped, in [0, 0.5): conservative "
+                       "DPO with sigmoid, robust DPO with robust (default 0)")
+    group.add_argument("--rpo-alpha", type=float, default=None, metavar="ALPHA",
+                       help="add ALPHA times the mean NLL of the chosen completions (RPO)")
+    group.add_argument("--ref-model", metavar="PATH", default=None,
+                       help="reference model folder (default: --model)")
+    group.add_argument("--precompute-ref", action="store_true",
+                       help="compute the reference log-probs once before training, so the "
+                       "reference is not in memory while training")
+    group.add_argument("--reference-free", action="store_true",
+                       help="no reference: its log-probs are taken as 0")
 
 
 def _add_generate(sub) -> None:
@@ -289,27 +342,35 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
 
 
-def _sft(args: argparse.Namespace) -> int:
+TRAIN_FIELDS = ("model", "data", "out", "eval_data", "max_len", "skip_bad_lines", "batch_size",
+                "grad_accum", "lr", "warmup", "decay", "weight_decay", "clip_norm", "epochs",
+                "steps", "save_every", "keep", "seed", "resume", "remat", "compute_dtype")
+DPO_FIELDS = ("max_prompt_len", "loss", "beta", "label_smoothing", "rpo_alpha", "ref_model",
+              "precompute_ref", "reference_free")
+
+
+def _train(args: argparse.Namespace) -> int:
     import json
 
     from qwen2_jax.config import ConfigError
     from qwen2_jax.train.data import DataError
-    from qwen2_jax.train.trainer import SFTArgs, run
 
+    if args.command == "sft":
+        from qwen2_jax.train.sft import SFTArgs as Args
+        from qwen2_jax.train.sft import run
+        fields = (*TRAIN_FIELDS, "train_on_prompt")
+    else:
+        from qwen2_jax.train.dpo import DPOArgs as Args
+        from qwen2_jax.train.dpo import run
+        fields = (*TRAIN_FIELDS, *DPO_FIELDS)
     mesh, rules = mesh_from_args(args)
-    sft = SFTArgs(model=args.model, data=args.data, out=args.out, eval_data=args.eval_data,
-                  max_len=args.max_len, overflow="drop" if args.drop_long else "truncate",
-                  train_on_prompt=args.train_on_prompt, skip_bad_lines=args.skip_bad_lines,
-                  batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                  warmup=args.warmup, decay=args.decay, weight_decay=args.weight_decay,
-                  clip_norm=args.clip_norm, epochs=args.epochs, steps=args.steps,
-                  save_every=args.save_every, keep=args.keep, seed=args.seed,
-                  resume=args.resume, remat=args.remat, compute_dtype=args.compute_dtype,
-                  progress=not args.no_progress)
+    options = Args(**{k: getattr(args, k) for k in fields},
+                   overflow="drop" if args.drop_long else "truncate",
+                   progress=not args.no_progress)
     try:
-        print(json.dumps(run(sft, mesh, rules)))
+        print(json.dumps(run(options, mesh, rules)))
     except (DataError, ConfigError, ValueError, OSError) as e:
-        print(f"qwen2-jax sft: {e}", file=sys.stderr)
+        print(f"qwen2-jax {args.command}: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -328,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         return _convert_or_export(args)
     if args.command == "generate":
         return _generate(args)
-    if args.command == "sft":
-        return _sft(args)
+    if args.command in ("sft", "dpo"):
+        return _train(args)
     raise AssertionError(args.command)
 
 

@@ -66,11 +66,14 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 
+    def special_token(self, name: str) -> str | None:
+        """The text of a special token named in tokenizer_config.json ("eos_token", ...)."""
+        token = self.config.get(name)
+        return token.get("content") if isinstance(token, dict) else token
+
     def special_id(self, name: str) -> int | None:
         """The id of a special token named in tokenizer_config.json ("eos_token", ...)."""
-        token = self.config.get(name)
-        if isinstance(token, dict):
-            token = token.get("content")
+        token = self.special_token(name)
         return None if token is None else self.token_id(token)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,

@@ -89,3 +89,44 @@ def make_hf_moe_model(folder, seed: int = 0, dtype=torch.float32, **overrides):
     randomize(model, seed)
     copy.deepcopy(model).to(dtype).save_pretrained(folder)
     return model
+
+
+def make_word_chat_model(folder, words: list[str]) -> None:
+    """A small random Qwen2 over a word-level vocabulary (the 3 Qwen2 special tokens, then
+    `words`), with a ChatML-like template: fast enough to learn a task in a test."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *words]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)},
+                                           unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.add_special_tokens(vocab[:3])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}{{ '<|im_start|> ' + m['role'] + ' ' + m['content'] + "
+                "' <|im_end|> ' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|> assistant ' }}{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "eos_token": "<|im_end|>"}))
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(HFQwen2Config(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)).save_pretrained(folder)
+
+
+def assert_grads_equal_torch(config, grads, model, atol: float) -> None:
+    """Our gradient pytree against the .grad of each torch parameter, mapped by the converter's
+    name table; atol relative to each tensor's largest gradient."""
+    from qwen2_jax.convert.mapping import tensor_rules
+
+    named = dict(model.named_parameters())
+    for rule in tensor_rules(config):
+        ours = grads
+        for key in rule.path:
+            ours = ours[key]
+        ours = rule.to_hf(np.asarray(ours[rule.stack]))
+        theirs = named[rule.hf_name].grad.numpy()
+        scale = max(1e-4, float(np.abs(theirs).max()))
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol * scale, err_msg=rule.hf_name)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import qwen2_jax
-from conftest import make_hf_model
+from conftest import make_hf_model, make_word_chat_model
 
 SCRIPT = Path(sys.executable).parent / "qwen2-jax"
 SMALL = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -114,33 +114,10 @@ def test_bad_data_line_stops_with_file_and_line(tmp_path, chat_model):
 
 def test_a_tiny_model_learns_a_chat_task_and_answers_held_out_prompts(tmp_path):
     """Swap two digits ("echo 3 7" -> "7 3"): trained on 80 pairs, asked the 20 others."""
-    from tokenizers import Tokenizer as WordTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-    from transformers import Qwen2Config as HFQwen2Config
-    from transformers import Qwen2ForCausalLM
-
     from qwen2_jax.tokenizer import Tokenizer
-    from qwen2_jax.train.trainer import SFTArgs, run
+    from qwen2_jax.train.sft import SFTArgs, run
 
-    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant",
-             "echo", *map(str, range(10))]
-    tokenizer = WordTokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
-                                               unk_token="<|endoftext|>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer.add_special_tokens(words[:3])
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    template = ("{% for m in messages %}{{ '<|im_start|> ' + m['role'] + ' ' + m['content'] + "
-                "' <|im_end|> ' }}{% endfor %}{% if add_generation_prompt %}"
-                "{{ '<|im_start|> assistant ' }}{% endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": template, "eos_token": "<|im_end|>"}))
-    import torch
-
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(HFQwen2Config(vocab_size=len(words), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2)).save_pretrained(tmp_path)
+    make_word_chat_model(tmp_path, ["system", "user", "assistant", "echo", *map(str, range(10))])
     pairs = [(a, b) for a in range(10) for b in range(10)]
     random.Random(0).shuffle(pairs)
     train, held_out = pairs[:80], pairs[80:]

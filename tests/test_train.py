@@ -11,11 +11,17 @@ import pytest
 import torch
 
 import qwen2_jax
-from conftest import make_hf_model
-from qwen2_jax.convert.mapping import tensor_rules
+from conftest import assert_grads_equal_torch, make_hf_model
 from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.data import DataError, Example, load_examples, pack
-from qwen2_jax.train.step import TrainConfig, batch_gradients, optimizer, token_losses, train_step
+from qwen2_jax.train.step import (
+    SFTObjective,
+    TrainConfig,
+    batch_gradients,
+    optimizer,
+    token_losses,
+    train_step,
+)
 
 
 def examples(rng, lengths=(7, 12, 5, 9, 3)) -> list[Example]:
@@ -59,15 +65,7 @@ def test_loss_and_grads_equal_pytorch_autograd(tmp_path, rng):
             count += float(w.sum())
     (total / count).backward()
     np.testing.assert_allclose(float(loss), float(total.detach() / count), rtol=1e-5)
-    named = dict(model.named_parameters())
-    for rule in tensor_rules(config):
-        ours = grads
-        for key in rule.path:
-            ours = ours[key]
-        ours = rule.to_hf(np.asarray(ours[rule.stack]))
-        theirs = named[rule.hf_name].grad.numpy()
-        scale = max(1e-3, float(np.abs(theirs).max()))
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * scale, err_msg=rule.hf_name)
+    assert_grads_equal_torch(config, grads, model, atol=1e-4)
 
 
 def test_packed_rows_equal_unpacked(tmp_path, rng):
@@ -92,18 +90,18 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path, rng):
     assert batch["tokens"].shape == (4, 12)
     one = {k: jnp.asarray(v)[None] for k, v in batch.items()}  # [1, 4, T]
     two = {k: jnp.asarray(v).reshape(2, 2, 12) for k, v in batch.items()}  # [2, 2, T]
-    gradients = jax.jit(batch_gradients, static_argnums=(0, 1, 2, 3, 4))
-    loss1, count1, grads1 = gradients(config, "none", jnp.float32, None, (), params, one)
-    loss2, count2, grads2 = gradients(config, "none", jnp.float32, None, (), params, two)
-    assert float(count1) == float(count2) == batch["weights"].sum()
-    np.testing.assert_allclose(float(loss1), float(loss2), rtol=1e-6)
+    objective = SFTObjective(config)
+    gradients = jax.jit(batch_gradients, static_argnums=0)
+    m1, grads1 = gradients(objective, params, one)
+    m2, grads2 = gradients(objective, params, two)
+    loss1 = m1["loss"]
+    np.testing.assert_allclose(float(loss1), float(m2["loss"]), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), grads1, grads2)
 
     # and the jitted step with grad_accum=2 runs: AdamW moves every parameter
     train = TrainConfig(learning_rate=1e-3, total_steps=10, grad_accum=2)
     start = jax.tree.map(np.array, params)  # copies: the step donates (reuses) params
-    new, _, metrics = train_step(config, train, jnp.float32, None, (), params,
-                                 optimizer(train).init(params), two, 0)
+    new, _, metrics = train_step(objective, train, params, optimizer(train).init(params), two, 0)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss1), rtol=1e-6)
     assert float(metrics["lr"]) == pytest.approx(1e-3)  # the peak: no warmup, step 0
     assert all(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(
@@ -188,14 +186,13 @@ def test_train_step_on_a_mesh_equals_one_device(tmp_path, rng):
     batch = {k: jnp.asarray(v).reshape(2, 2, 12)
              for k, v in pack(examples(rng, (7, 12, 9, 11)), 12, seed=2).items()}
     train = TrainConfig(learning_rate=1e-3, total_steps=10, grad_accum=2)
-    expected, _, m1 = train_step(config, train, jnp.float32, None, (), params,
+    expected, _, m1 = train_step(SFTObjective(config), train, params,
                                  optimizer(train).init(params), batch, 0)
     mesh = make_mesh("fsdp=4,tensor=2")
     _, sharded = qwen2_jax.load(tmp_path, mesh=mesh)
     shardings = jax.tree.map(lambda x: x.sharding, sharded)
-    got, _, m2 = train_step(config, train, jnp.float32, mesh,
-                            qwen2_jax.sharding.DEFAULT_RULES, sharded,
-                            optimizer(train).init(sharded), batch, 0)
+    objective = SFTObjective(config, mesh=mesh, rules=qwen2_jax.sharding.DEFAULT_RULES)
+    got, _, m2 = train_step(objective, train, sharded, optimizer(train).init(sharded), batch, 0)
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
     for x, y, s in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
                        jax.tree.leaves(shardings), strict=True):

@@ -1,4 +1,5 @@
-"""Training (SFT, DPO): data, losses, the train loop. Installed as `qwen2_jax.train`.
+"""Training (SFT, DPO): data, objectives, the shared train loop. Installed as `qwen2_jax.train`.
 
-Empty until the SFT issue lands; the model already takes the segment ids packing needs.
+step (the jitted train step and the SFT objective), trainer (the loop, checkpoints, resume),
+sft and data (SFT), dpo and preference (DPO).
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -40,18 +41,24 @@ class DataStats:
     dropped_no_targets: int = 0
 
 
+def check_messages(messages, what: str) -> list[dict]:
+    """messages, if it is a non-empty list of {"role", "content": str}; else a DataError
+    that starts with `what` (file:line and field)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{what} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(
+                m.get("content"), str):
+            raise DataError(f"{what}[{i}] must be {{'role': one of {list(ROLES)}, "
+                            f"'content': str}}, found {m!r}")
+    return messages
+
+
 def _messages(record, where: str) -> list[dict]:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(
-                    m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] must be {{'role': one of "
-                                f"{list(ROLES)}, 'content': str}}, found {m!r}")
+        messages = check_messages(record["messages"], f"{where}: 'messages'")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: no assistant message to train on")
         return messages
@@ -88,14 +95,10 @@ def _extend(tokens, targets, rendered: list[int], train: bool):
     return rendered, targets + [train] * added
 
 
-def load_examples(path: str, tokenizer: Tokenizer, max_len: int, overflow: str = "truncate",
-                  train_on_prompt: bool = False, skip_bad_lines: bool = False
-                  ) -> tuple[list[Example], DataStats]:
-    """Reads and tokenizes a JSONL file. overflow: "truncate" (keep the first max_len
-    tokens) or "drop" examples longer than max_len; both are counted in the stats."""
-    if overflow not in ("truncate", "drop"):
-        raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
-    examples, stats = [], DataStats()
+def read_jsonl(path: str, convert, skip_bad_lines: bool, stats) -> Iterator:
+    """convert(record, "file:line") of each non-empty line. A bad line (invalid JSON, or a
+    DataError from convert) raises a DataError naming file and line, or with skip_bad_lines
+    is counted in stats.skipped_bad_lines and skipped."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -106,23 +109,39 @@ def load_examples(path: str, tokenizer: Tokenizer, max_len: int, overflow: str =
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from e
-                example = tokenize(_messages(record, where), tokenizer, train_on_prompt)
+                converted = convert(record, where)
             except DataError as e:
                 if not skip_bad_lines:
                     raise DataError(str(e) if str(e).startswith(where) else f"{where}: {e}") \
                         from e
                 stats.skipped_bad_lines += 1
                 continue
-            if len(example.tokens) > max_len:
-                if overflow == "drop":
-                    stats.dropped_too_long += 1
-                    continue
-                stats.truncated += 1
-                example = Example(example.tokens[:max_len], example.targets[:max_len])
-            if not any(example.targets[1:]):
-                stats.dropped_no_targets += 1
+            yield converted
+
+
+def load_examples(path: str, tokenizer: Tokenizer, max_len: int, overflow: str = "truncate",
+                  train_on_prompt: bool = False, skip_bad_lines: bool = False
+                  ) -> tuple[list[Example], DataStats]:
+    """Reads and tokenizes a JSONL file. overflow: "truncate" (keep the first max_len
+    tokens) or "drop" examples longer than max_len; both are counted in the stats."""
+    if overflow not in ("truncate", "drop"):
+        raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+    examples, stats = [], DataStats()
+
+    def convert(record, where):
+        return tokenize(_messages(record, where), tokenizer, train_on_prompt)
+
+    for example in read_jsonl(path, convert, skip_bad_lines, stats):
+        if len(example.tokens) > max_len:
+            if overflow == "drop":
+                stats.dropped_too_long += 1
                 continue
-            examples.append(example)
+            stats.truncated += 1
+            example = Example(example.tokens[:max_len], example.targets[:max_len])
+        if not any(example.targets[1:]):
+            stats.dropped_no_targets += 1
+            continue
+        examples.append(example)
     stats.examples = len(examples)
     return examples, stats
 

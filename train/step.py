@@ -1,14 +1,16 @@
-"""The loss and the jitted train step (AdamW, schedule, clipping, gradient accumulation).
+"""The SFT loss and the jitted train step (AdamW, schedule, clipping, gradient accumulation).
 
-The loss is the sum of next-token cross-entropies over the target tokens of the whole global
-batch, divided once by their number: k accumulated micro-batches give the same value and
-gradient as one batch k times larger, and packed rows the same as unpacked ones.
+One step serves every training objective (SFT here, DPO in train/dpo.py). The SFT loss is the
+sum of next-token cross-entropies over the target tokens of the whole global batch, divided
+once by their number: k accumulated micro-batches give the same value and gradient as one
+batch k times larger, and packed rows the same as unpacked ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,37 +66,69 @@ def optimizer(t: TrainConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule(t), weight_decay=t.weight_decay))
 
 
-def batch_gradients(config, remat, dtype, mesh, rules, params, batch):
-    """(mean loss, target count, its gradient) of a global batch [k, R, T]: the micro-batches'
-    summed losses and gradients accumulated in a scan, divided once by the total count."""
-    def summed(p, micro):
-        return token_losses(config, p, micro, dtype, remat, mesh, rules).sum()
+@dataclasses.dataclass(frozen=True)
+class SFTObjective:
+    """Next-token cross-entropy over the target tokens, averaged over the global batch's targets.
+
+    An objective (this one, or train/dpo.py's) is a hashable static argument of train_step:
+    `totals(batch)` gives the denominators of the whole global batch [k, ...] (its "weight"
+    weights the batch when eval batches are averaged), and `__call__(params, micro, totals)`
+    returns (loss, metrics) of one micro-batch already divided by them, so that the sums over
+    the k micro-batches are the global batch's values.
+    """
+
+    config: Qwen2Config
+    dtype: Any = jnp.float32
+    remat: str = "none"
+    mesh: Any = None
+    rules: tuple = ()
+
+    def totals(self, batch: dict) -> dict:
+        return {"weight": jnp.maximum(batch["weights"].sum(), 1.0)}
+
+    def __call__(self, params, micro: dict, totals: dict):
+        loss = token_losses(self.config, params, micro, self.dtype, self.remat, self.mesh,
+                            self.rules).sum() / totals["weight"]
+        return loss, {"loss": loss}
+
+
+def batch_gradients(objective, params, batch) -> tuple[dict, dict]:
+    """(metrics, gradient of metrics["loss"]) of a global batch [k, ...]: the micro-batches'
+    losses, metrics and gradients summed in a scan (each already divided by the global
+    totals, so the sums are exact, not means of means)."""
+    totals = objective.totals(batch)
 
     def accumulate(carry, micro):
-        loss_sum, grads = carry
-        value, g = jax.value_and_grad(summed)(params, micro)
-        return (loss_sum + value, jax.tree.map(jnp.add, grads, g)), None
+        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, micro, totals)
+        return jax.tree.map(jnp.add, carry, (metrics, grads)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), zeros), batch)
-    count = jnp.maximum(batch["weights"].sum(), 1.0)
-    return loss_sum / count, count, jax.tree.map(lambda g: g / count, grads)
+    first = jax.tree.map(lambda x: x[0], batch)
+    shapes = jax.eval_shape(lambda: objective(params, first, totals)[1])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes, params))
+    (metrics, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+    return metrics, grads
 
 
-@functools.partial(jax.jit, static_argnames=("config", "train", "dtype", "mesh", "rules"),
+@functools.partial(jax.jit, static_argnames=("objective", "train"),
                    donate_argnames=("params", "opt_state"))
-def train_step(config: Qwen2Config, train: TrainConfig, dtype, mesh, rules, params, opt_state,
-               batch, step=0):
+def train_step(objective, train: TrainConfig, params, opt_state, batch, step=0):
     """Optimizer step number `step` (from 0; the count of updates opt_state has seen, whose
     learning rate the schedule gives) on a global batch of train.grad_accum micro-batches.
 
-    batch: arrays [k, R, T] (k = grad_accum). Gradients of the summed loss are accumulated
-    over the micro-batches (a scan), then divided by the batch's total target count.
-    Returns (params, opt_state, metrics: loss, targets, grad_norm, lr).
+    batch: arrays [k, ...] (k = grad_accum). Returns (params, opt_state, metrics: the
+    objective's, grad_norm, lr).
     """
-    loss, count, grads = batch_gradients(config, train.remat, dtype, mesh, rules, params, batch)
+    metrics, grads = batch_gradients(objective, params, batch)
     updates, opt_state = optimizer(train).update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "targets": count, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(train)(step)}
-    return params, opt_state, metrics
+    return params, opt_state, {**metrics, "grad_norm": optax.global_norm(grads),
+                               "lr": schedule(train)(step)}
+
+
+@functools.partial(jax.jit, static_argnames=("objective",))
+def evaluate_step(objective, params, batch) -> tuple[jnp.ndarray, dict]:
+    """(weight, metrics) of a global batch [k, ...] without gradients: metrics averaged
+    over eval batches with these weights are exact for the whole eval set."""
+    totals = objective.totals(batch)
+    per_micro = jax.lax.map(lambda micro: objective(params, micro, totals)[1], batch)
+    return totals["weight"], jax.tree.map(lambda x: x.sum(0), per_micro)

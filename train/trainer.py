@@ -1,22 +1,21 @@
-"""The SFT loop: data -> jitted steps -> metrics, Orbax checkpoints, exact resume.
+"""The train loop shared by SFT and DPO: jitted steps -> metrics, Orbax checkpoints, resume.
 
-Everything a step depends on is a function of the step number: the data order (packed once
-per epoch with seed + epoch) and the batch within it. A checkpoint therefore needs params,
-optimizer state and the step; a resumed run logs the same losses as one that never stopped.
-The final model is written as an Orbax checkpoint folder (orbax_io) that load, generate and
-export accept.
+A `Task` (train/sft.py, train/dpo.py) supplies the objective and the global batch of each step.
+Everything a step depends on is a function of the step number (the data order is fixed by
+seed + epoch), so a checkpoint needs params, optimizer state and the step, and a resumed run
+logs the same metrics as one that never stopped. The final model is written as an Orbax
+checkpoint folder (orbax_io) that load, generate and export accept.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -24,27 +23,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-import qwen2_jax
 from qwen2_jax.convert.output import atomic_folder, copy_model_files
 from qwen2_jax.orbax_io import PARAMS_DIR, write_metadata
-from qwen2_jax.tokenizer import Tokenizer
-from qwen2_jax.train.data import load_examples, pack
-from qwen2_jax.train.step import TrainConfig, optimizer, token_losses, train_step
+from qwen2_jax.train.step import TrainConfig, evaluate_step, optimizer, train_step
 
 logger = logging.getLogger("qwen2_jax")
 
 
 @dataclasses.dataclass
-class SFTArgs:
+class TrainArgs:
+    """The options every training command shares (the CLI flags of `sft` and `dpo`)."""
+
     model: str
     data: str
     out: str
     eval_data: str | None = None
     max_len: int = 2048
     overflow: str = "truncate"
-    train_on_prompt: bool = False
     skip_bad_lines: bool = False
-    batch_size: int = 8  # rows per micro-batch
+    batch_size: int = 8  # rows (SFT) or preference pairs (DPO) per micro-batch
     grad_accum: int = 1
     lr: float = 1e-5
     warmup: int = 0
@@ -62,61 +59,32 @@ class SFTArgs:
     progress: bool = True
 
 
-def _batches(examples, args: SFTArgs, epoch: int) -> list[dict[str, np.ndarray]]:
-    """The epoch's global batches [grad_accum, batch_size, max_len], the last one padded with
-    empty rows (weight 0), in the order of the epoch's seed."""
-    rows = pack(examples, args.max_len, args.seed + epoch)
-    per_step = args.batch_size * args.grad_accum
-    steps = math.ceil(len(rows["tokens"]) / per_step)
-    out = []
-    for s in range(steps):
-        part = {k: v[s * per_step:(s + 1) * per_step] for k, v in rows.items()}
-        missing = per_step - len(part["tokens"])
-        part = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
-                for k, v in part.items()}
-        out.append({k: v.reshape(args.grad_accum, args.batch_size, -1) for k, v in part.items()})
-    return out
+@dataclasses.dataclass
+class Task:
+    """What the loop trains.
+
+    objective: a train_step objective (see step.SFTObjective). batch(step): the global batch
+    [grad_accum, ...] of that step (step 0 is the first), as device arrays; it must depend on
+    the step alone. eval_batches(): the eval set's batches, or None. bar: metric name -> short
+    label shown in the progress bar besides the loss.
+    """
+
+    name: str
+    objective: Hashable
+    steps_per_epoch: int
+    batch: Callable[[int], dict]
+    eval_batches: Callable[[], list[dict]] | None = None
+    bar: dict[str, str] = dataclasses.field(default_factory=dict)
+    summary: dict = dataclasses.field(default_factory=dict)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"))
-def _summed_loss(config, dtype, mesh, rules, params, batch):
-    return token_losses(config, params, batch, dtype, "none", mesh, rules).sum()
-
-
-def _eval_loss(config, params, examples, args: SFTArgs, dtype, mesh, rules) -> float:
-    rows = pack(examples, args.max_len, 0)
-    total, count = 0.0, 0.0
-    for start in range(0, len(rows["tokens"]), args.batch_size):
-        batch = {k: jnp.asarray(v[start:start + args.batch_size]) for k, v in rows.items()}
-        total += float(_summed_loss(config, dtype, mesh, rules, params, batch))
-        count += float(batch["weights"].sum())
-    return total / max(count, 1.0)
-
-
-def run(args: SFTArgs, mesh=None, rules=None) -> dict:
-    """Trains; returns a summary. Writes OUT/metrics.jsonl, OUT/checkpoints/<step>/ and the
-    final model as OUT/final (an Orbax checkpoint folder)."""
-    tokenizer = Tokenizer(args.model)
-    examples, stats = load_examples(args.data, tokenizer, args.max_len, args.overflow,
-                                    args.train_on_prompt, args.skip_bad_lines)
-    if not examples:
-        raise ValueError(f"{args.data}: no usable examples ({dataclasses.asdict(stats)})")
-    logger.info("data: %s", json.dumps(dataclasses.asdict(stats)))
-    eval_examples = None
-    if args.eval_data:
-        eval_examples, _ = load_examples(args.eval_data, tokenizer, args.max_len, args.overflow,
-                                         args.train_on_prompt, args.skip_bad_lines)
-    config, params = qwen2_jax.load(args.model, dtype="float32", mesh=mesh, rules=rules)
-    epoch_batches = {0: _batches(examples, args, 0)}  # only the current epoch is kept
-    steps_per_epoch = len(epoch_batches[0])
-    total = args.steps or args.epochs * steps_per_epoch
+def fit(args: TrainArgs, task: Task, config, params) -> dict:
+    """Trains params (float32 masters, placed as loaded); returns a summary. Writes
+    OUT/metrics.jsonl, OUT/checkpoints/<step>/ and the final model as OUT/final."""
+    total = args.steps or args.epochs * task.steps_per_epoch
     train = TrainConfig(args.lr, args.warmup, total, args.decay, args.weight_decay,
                         args.clip_norm, args.grad_accum, args.remat)
-    opt = optimizer(train)
-    opt_state = opt.init(params)
-    dtype = jnp.dtype(args.compute_dtype)
-    rules = qwen2_jax.sharding.resolve_rules(rules)
-
+    opt_state = optimizer(train).init(params)
     os.makedirs(args.out, exist_ok=True)
     checkpoints = ocp.CheckpointManager(
         os.path.abspath(os.path.join(args.out, "checkpoints")),
@@ -140,42 +108,48 @@ def run(args: SFTArgs, mesh=None, rules=None) -> dict:
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    bar = tqdm(total=total, initial=step, desc="sft", disable=not args.progress,
+    bar = tqdm(total=total, initial=step, desc=task.name, disable=not args.progress,
                dynamic_ncols=True)
     with open(metrics_path, "a", encoding="utf-8") as log:
         while step < total:
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: _batches(examples, args, epoch)}
-            batch = {k: jnp.asarray(v) for k, v in epoch_batches[epoch][index].items()}
+            batch = task.batch(step)
             start = time.perf_counter()
-            params, opt_state, m = train_step(config, train, dtype, mesh, rules, params,
-                                              opt_state, batch, jnp.int32(step))
-            loss = float(m["loss"])  # waits for the step
-            seconds = time.perf_counter() - start
+            params, opt_state, m = train_step(task.objective, train, params, opt_state, batch,
+                                              jnp.int32(step))
+            record = {"step": step + 1, **{k: float(v) for k, v in m.items()}}  # waits
+            record["tokens_per_s"] = float((batch["segment_ids"] > 0).sum()) / (
+                time.perf_counter() - start)
             step += 1
-            record = {"step": step, "loss": loss, "lr": float(m["lr"]),
-                      "grad_norm": float(m["grad_norm"]),
-                      "tokens_per_s": float((batch["segment_ids"] > 0).sum()) / seconds}
             if step % args.save_every == 0 or step == total:
                 checkpoints.save(step, args=ocp.args.Composite(
                     params=ocp.args.StandardSave(params),
                     opt_state=ocp.args.StandardSave(opt_state)))
-                if eval_examples:
-                    record["eval_loss"] = _eval_loss(config, params, eval_examples, args, dtype,
-                                                     mesh, rules)
+                if task.eval_batches:
+                    record |= _evaluate(task, params)
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            shown = {"loss": f"{record['loss']:.4f}"}
+            shown |= {label: f"{record[k]:.3g}" for k, label in task.bar.items()}
+            bar.set_postfix(shown | {"lr": f"{record['lr']:.2e}",
+                                     "tok_s": f"{record['tokens_per_s']:.0f}"}, refresh=False)
             bar.update(1)
     bar.close()
     checkpoints.wait_until_finished()
     checkpoints.close()
     final = os.path.join(args.out, "final")
-    _write_final(args, config, params, final)
-    return {"steps": total, "final": final, "data": dataclasses.asdict(stats),
-            "metrics": metrics_path}
+    _write_final(args, task.name, params, final)
+    return {"steps": total, "final": final, **task.summary, "metrics": metrics_path}
+
+
+def _evaluate(task: Task, params) -> dict[str, float]:
+    """The objective's metrics over the whole eval set, as `eval_<name>` (TRL's names)."""
+    weights, sums = [], {}
+    for batch in task.eval_batches():
+        weight, metrics = evaluate_step(task.objective, params, batch)
+        weights.append(float(weight))
+        for k, v in metrics.items():
+            sums.setdefault(k, []).append(float(v))
+    return {f"eval_{k}": float(np.dot(weights, v) / sum(weights)) for k, v in sums.items()}
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -188,7 +162,7 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-def _write_final(args: SFTArgs, config, params, final: str) -> None:
+def _write_final(args: TrainArgs, name: str, params, final: str) -> None:
     """The trained model as an Orbax checkpoint folder (qwen2_jax.load reads it)."""
     with atomic_folder(final, force=True) as temp:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -196,4 +170,4 @@ def _write_final(args: SFTArgs, config, params, final: str) -> None:
         shutil.copyfile(os.path.join(args.model, "config.json"), os.path.join(temp, "config.json"))
         copy_model_files(args.model, temp)
         write_metadata(temp, dtype="float32", source=os.path.abspath(args.model),
-                       trained_by="qwen2-jax sft")
+                       trained_by=f"qwen2-jax {name}")
