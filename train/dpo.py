@@ -166,7 +166,7 @@ def precompute_reference(config, params, pairs: list[Pair], args: DPOArgs, mesh,
     dtype = jnp.dtype(args.compute_dtype)
     table = np.zeros((len(pairs), 2), np.float32)
     for chunk in tqdm(_chunks(len(pairs), args.batch_size * args.grad_accum), desc=desc,
-                      disable=not args.progress, dynamic_ncols=True):
+                      disable=not (args.progress and pairs), dynamic_ncols=True):
         batch = {k: jnp.asarray(v) for k, v in pair_batch(pairs, chunk, 1, args.max_len).items()}
         logps = np.asarray(sequence_logps(config, dtype, mesh, rules, params, batch))[0]
         table[chunk[chunk >= 0]] = logps[chunk >= 0]
