@@ -27,7 +27,7 @@ from transformers import Qwen2ForCausalLM
 import qwen2_jax
 from qwen2_jax.train.dpo import DPOObjective, sequence_logps
 from qwen2_jax.train.step import TrainConfig, optimizer, train_step
-from train import CONFIG
+from train import CONFIG, torch_step
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     params = qwen2_jax.init(c, jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     ref = qwen2_jax.init(c, jax.random.key(0), dtype=dtype)
-    train = TrainConfig(learning_rate=1e-6, total_steps=1000)
+    train = TrainConfig(learning_rate=1e-4, total_steps=1000)  # as torch_step
     objective = DPOObjective(c, jnp.dtype(dtype))
     state = {"params": params, "opt": optimizer(train).init(params), "ref": ref}
     batch = {"tokens": jnp.asarray(ids, jnp.int32)[None],
@@ -71,7 +71,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(HFQwen2Config.from_dict(c.to_hf())).to(device).train()
     ref_model = Qwen2ForCausalLM(HFQwen2Config.from_dict(c.to_hf())).to(device).eval()
-    adam = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
     tokens = torch.as_tensor(ids, device=device)
     mask = torch.as_tensor(completion, device=device)[:, 1:]
 
@@ -79,20 +78,14 @@ def main() -> None:
         logp = torch.log_softmax(m(tokens).logits[:, :-1].float(), -1)
         return (logp.gather(2, tokens[:, 1:, None])[..., 0] * mask).sum(1)
 
-    def theirs_step():
-        with torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16"):
-            with torch.no_grad():
-                reference = logps(ref_model)
-            policy = logps(model)
-        chosen, rejected = (policy - reference).chunk(2)
-        loss = -F.logsigmoid(0.1 * (chosen - rejected)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        adam.step()
-        adam.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device
+    def dpo_loss():
+        with torch.no_grad():
+            reference = logps(ref_model)
+        chosen, rejected = (logps(model) - reference).chunk(2)
+        return -F.logsigmoid(0.1 * (chosen - rejected)).mean()
 
-    theirs = median_seconds(theirs_step, args.steps, warmup=2)
+    theirs = median_seconds(torch_step(model, dpo_loss, device, dtype == "bfloat16"), args.steps,
+                            warmup=2)
     print(json.dumps({"bench": "dpo", "params_m": round(n_params / 1e6, 1), "pairs": b,
                       "length": t, "dtype": dtype, "device": jax.devices()[0].device_kind,
                       "transformers_device": device,

@@ -37,6 +37,23 @@ CONFIG = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                      tie_word_embeddings=True, max_position_embeddings=4096)
 
 
+def torch_step(model, loss_fn, device: str, bf16: bool):
+    """One AdamW step (lr 1e-4, global-norm clipping at 1.0) on loss_fn(), under bfloat16
+    autocast if bf16; waits for the device."""
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def step():
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
+            loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        adam.step()
+        adam.zero_grad(set_to_none=True)
+        loss.item()
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -72,19 +89,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(HFQwen2Config.from_dict(c.to_hf())).to(device).train()
-    adam = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     labels = torch.as_tensor(ids, device=device)
-
-    def theirs_step():
-        with torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16"):
-            loss = model(labels, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        adam.step()
-        adam.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device
-
-    theirs = median_seconds(theirs_step, args.steps, warmup=2)
+    theirs = median_seconds(torch_step(model, lambda: model(labels, labels=labels).loss, device,
+                                       dtype == "bfloat16"), args.steps, warmup=2)
     flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * \
         args.length * c.hidden_size  # tied: the table counts once, as the lm_head matmul
     report = {"bench": "train", "params_m": round(n_params / 1e6, 1), "batch": args.batch,

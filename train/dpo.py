@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
 import math
 from typing import Any
 
@@ -35,9 +33,7 @@ from qwen2_jax.config import Qwen2Config
 from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.preference import Pair, load_pairs, pair_batch
 from qwen2_jax.train.step import token_losses
-from qwen2_jax.train.trainer import Task, TrainArgs, fit
-
-logger = logging.getLogger("qwen2_jax")
+from qwen2_jax.train.trainer import Task, TrainArgs, fit, read_data
 
 LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 METRICS = {"rewards/accuracies": "acc", "rewards/margins": "margin", "rewards/chosen": "r_c",
@@ -153,11 +149,12 @@ def check_args(args: DPOArgs) -> None:
         raise ValueError(f"--max-prompt-len must be in [1, --max-len), got {args.max_prompt_len}")
 
 
-def _chunks(count: int, size: int) -> list[np.ndarray]:
-    """0..count-1 in chunks of `size`, the last padded with -1 (empty pairs)."""
-    padded = np.full(math.ceil(count / size) * size, -1)
-    padded[:count] = np.arange(count)
-    return list(padded.reshape(-1, size))
+def _chunks(order: np.ndarray, size: int) -> np.ndarray:
+    """Pair indices `order` in rows of `size` [chunks, size], the last padded with -1 (empty
+    pairs)."""
+    padded = np.full(math.ceil(len(order) / size) * size, -1)
+    padded[:len(order)] = order
+    return padded.reshape(-1, size)
 
 
 def precompute_reference(config, params, pairs: list[Pair], args: DPOArgs, mesh, rules,
@@ -165,7 +162,7 @@ def precompute_reference(config, params, pairs: list[Pair], args: DPOArgs, mesh,
     """The reference's summed completion log-probs [len(pairs), 2], in pair order."""
     dtype = jnp.dtype(args.compute_dtype)
     table = np.zeros((len(pairs), 2), np.float32)
-    for chunk in tqdm(_chunks(len(pairs), args.batch_size * args.grad_accum), desc=desc,
+    for chunk in tqdm(_chunks(np.arange(len(pairs)), args.batch_size * args.grad_accum), desc=desc,
                       disable=not (args.progress and pairs), dynamic_ncols=True):
         batch = {k: jnp.asarray(v) for k, v in pair_batch(pairs, chunk, 1, args.max_len).items()}
         logps = np.asarray(sequence_logps(config, dtype, mesh, rules, params, batch))[0]
@@ -182,11 +179,7 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
         return load_pairs(path, tokenizer, args.max_len, args.max_prompt_len, args.overflow,
                           args.skip_bad_lines)
 
-    pairs, stats = read(args.data)
-    if not pairs:
-        raise ValueError(f"{args.data}: no usable preference pairs ({dataclasses.asdict(stats)})")
-    logger.info("data: %s", json.dumps(dataclasses.asdict(stats)))
-    eval_pairs = read(args.eval_data)[0] if args.eval_data else []
+    pairs, stats, eval_pairs = read_data(args, read)
     rules = qwen2_jax.sharding.resolve_rules(rules)
     dtype = jnp.dtype(args.compute_dtype)
     ref_path = args.ref_model or args.model
@@ -219,20 +212,19 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
 
     per_step = args.batch_size * args.grad_accum
     steps_per_epoch = math.ceil(len(pairs) / per_step)
-    orders: dict[int, np.ndarray] = {}
+    orders: dict[int, np.ndarray] = {}  # the current epoch's [steps, per_step] pair indices
 
     def batch(step: int) -> dict:
         epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in orders:  # only the current epoch's order is kept
+        if epoch not in orders:
             orders.clear()
-            orders[epoch] = np.random.default_rng(args.seed + epoch).permutation(len(pairs))
-        chosen = orders[epoch][index * per_step:(index + 1) * per_step]
-        indices = np.concatenate([chosen, np.full(per_step - len(chosen), -1)])
-        return batch_of(indices, pairs, tables and tables[0], args.grad_accum)
+            orders[epoch] = _chunks(
+                np.random.default_rng(args.seed + epoch).permutation(len(pairs)), per_step)
+        return batch_of(orders[epoch][index], pairs, tables and tables[0], args.grad_accum)
 
     def eval_batches() -> list[dict]:
         return [batch_of(chunk, eval_pairs, tables and tables[1], 1)
-                for chunk in _chunks(len(eval_pairs), args.batch_size)]
+                for chunk in _chunks(np.arange(len(eval_pairs)), args.batch_size)]
 
     objective = DPOObjective(config, dtype, args.remat, mesh, rules, args.loss, args.beta,
                              args.label_smoothing, args.rpo_alpha)

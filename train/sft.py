@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
 
 import jax.numpy as jnp
@@ -14,9 +12,7 @@ import qwen2_jax
 from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.data import load_examples, pack
 from qwen2_jax.train.step import SFTObjective
-from qwen2_jax.train.trainer import Task, TrainArgs, fit
-
-logger = logging.getLogger("qwen2_jax")
+from qwen2_jax.train.trainer import Task, TrainArgs, fit, read_data
 
 
 @dataclasses.dataclass
@@ -48,11 +44,7 @@ def run(args: SFTArgs, mesh=None, rules=None) -> dict:
         return load_examples(path, tokenizer, args.max_len, args.overflow, args.train_on_prompt,
                              args.skip_bad_lines)
 
-    examples, stats = read(args.data)
-    if not examples:
-        raise ValueError(f"{args.data}: no usable examples ({dataclasses.asdict(stats)})")
-    logger.info("data: %s", json.dumps(dataclasses.asdict(stats)))
-    eval_examples = read(args.eval_data)[0] if args.eval_data else None
+    examples, stats, eval_examples = read_data(args, read)
     config, params = qwen2_jax.load(args.model, dtype="float32", mesh=mesh, rules=rules)
     rules = qwen2_jax.sharding.resolve_rules(rules)
     epochs = {0: _batches(examples, args, 0)}  # only the current epoch is kept

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,16 @@ class Task:
     eval_batches: Callable[[], list[dict]] | None = None
     bar: dict[str, str] = dataclasses.field(default_factory=dict)
     summary: dict = dataclasses.field(default_factory=dict)
+
+
+def read_data(args: TrainArgs, read: Callable[[str], tuple[list, Any]]) -> tuple[list, Any, list]:
+    """(training items, their stats, eval items) via read(path) -> (items, stats dataclass);
+    no usable training item is an error, and the stats go to the log."""
+    items, stats = read(args.data)
+    if not items:
+        raise ValueError(f"{args.data}: nothing usable to train on ({dataclasses.asdict(stats)})")
+    logger.info("data: %s", json.dumps(dataclasses.asdict(stats)))
+    return items, stats, read(args.eval_data)[0] if args.eval_data else []
 
 
 def fit(args: TrainArgs, task: Task, config, params) -> dict:
