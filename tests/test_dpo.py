@@ -258,7 +258,7 @@ def records(out) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_precomputed_reference_gives_the_losses_of_the_frozen_copy(tmp_path, models):
+def test_precomputed_reference_gives_the_losses_of_the_frozen_copy(tmp_path, models, capsys):
     from qwen2_jax.train.dpo import DPOArgs, run
 
     data = write_jsonl(tmp_path / "d.jsonl", STANDARD + CONVERSATIONAL + IMPLICIT_TEXT)
@@ -276,9 +276,16 @@ def test_precomputed_reference_gives_the_losses_of_the_frozen_copy(tmp_path, mod
                                    atol=1e-6, err_msg=name)
     assert a[0]["loss"] != a[2]["loss"]
 
-    # the default reference is the starting policy: DPO starts at ln 2
-    run(DPOArgs(out=str(tmp_path / "self"), precompute_ref=True, **{**common, "steps": 1}))
+    # the default reference is the starting policy: DPO starts at ln 2; the bar shows the
+    # precompute pass and TRL's metrics
+    capsys.readouterr()
+    run(DPOArgs(out=str(tmp_path / "self"), precompute_ref=True,
+                **{**common, "steps": 1, "progress": True}))
     assert records(tmp_path / "self")[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
+    bar = capsys.readouterr().err
+    assert "reference log-probs" in bar
+    assert all(f"{label}=" in bar for label in ("loss", "acc", "margin", "r_c", "r_r", "lp_c",
+                                                "lp_r"))
 
 
 def dpo_command(model, data, out, *extra):
