@@ -91,7 +91,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, mesh=None, rule
     target = storage_dtype(ckpt, dtype)
     shardings = param_shardings(config, mesh, rules) if mesh is not None else None
     total = sum(int(np.prod(r.our_shape)) for r in ckpt.rules) * target.itemsize
-    with atomic_folder(out_dir, force) as temp:
+    with atomic_folder(out_dir, force, sources=(hf_dir,)) as temp:
         with Progress("convert", total, len(ckpt.rules), enabled=progress) as bar:
             save_streamed(os.path.join(temp, PARAMS_DIR),
                           streamed_params(ckpt, target, shardings, bar))

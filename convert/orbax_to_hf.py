@@ -21,7 +21,14 @@ from qwen2_jax.convert.mapping import TensorRule, tensor_rules
 from qwen2_jax.convert.output import atomic_folder, copy_model_files
 from qwen2_jax.convert.progress import Progress
 from qwen2_jax.hf_io import INDEX_FILE
-from qwen2_jax.orbax_io import CHUNK_BYTES, check_params, open_arrays, read_metadata
+from qwen2_jax.orbax_io import (
+    CHUNK_BYTES,
+    OrbaxCheckpointError,
+    check_params,
+    is_orbax_folder,
+    open_arrays,
+    read_metadata,
+)
 from qwen2_jax.safetensors_file import write_safetensors
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -87,6 +94,12 @@ def export(orbax_dir: str, hf_dir: str, dtype: str | None = None,
     dtype: the safetensors dtype (default: the stored one). Returns a summary dict.
     """
     start = time.perf_counter()
+    if not is_orbax_folder(orbax_dir):
+        kind = ("is a Hugging Face folder" if os.path.exists(os.path.join(orbax_dir, "config.json"))
+                else "is not a qwen2-jax checkpoint folder (no qwen2_jax.json, no params/)")
+        raise OrbaxCheckpointError(f"{orbax_dir} {kind}; export reads an Orbax folder written by "
+                                   "qwen2-jax convert or training (qwen2-jax convert HF_DIR OUT "
+                                   "makes one)")
     metadata = read_metadata(orbax_dir)
     config = Qwen2Config.from_file(orbax_dir)
     name = dtype or metadata["dtype"]
@@ -111,7 +124,7 @@ def export(orbax_dir: str, hf_dir: str, dtype: str | None = None,
 
         return rule.hf_name, target, rule.hf_shape, blocks
 
-    with atomic_folder(hf_dir, force) as temp:
+    with atomic_folder(hf_dir, force, sources=(orbax_dir,)) as temp:
         with Progress("export", total, len(rules), enabled=progress) as bar:
             for name, group in zip(names, files, strict=True):
                 write_safetensors(os.path.join(temp, name), [entry(r, bar) for r in group],

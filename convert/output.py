@@ -43,6 +43,52 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def is_model_folder(folder: str) -> bool:
+    """Ours (qwen2_jax.json, or an Orbax params/ folder) or Hugging Face's (config.json with
+    safetensors): the only folders --force may replace."""
+    from qwen2_jax.orbax_io import is_orbax_folder
+
+    names = os.listdir(folder)
+    weights = any(n.endswith(".safetensors") or n == "model.safetensors.index.json"
+                  for n in names)
+    return is_orbax_folder(folder) or ("config.json" in names and weights)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_replaceable(out: str, force: bool, sources: tuple[str, ...] = ()) -> None:
+    """An OutputError unless `out` may be written: it is none of `sources`, neither holds nor
+    lies inside one, and if it exists, it is a folder that `force` may replace (empty, or a
+    model folder: see is_model_folder)."""
+    real = os.path.realpath(out)
+    for source in sources:
+        source_real = os.path.realpath(source)
+        relation = ("is the source" if real == source_real else
+                    "lies inside the source" if _inside(real, source_real) else
+                    "holds the source" if _inside(source_real, real) else None)
+        if relation:
+            raise OutputError(f"{out} {relation} {source}; write to a folder outside it")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{out}: {parent} is a file, not a folder")
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out):
+        raise OutputError(f"{out} exists and is not a folder")
+    if not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it")
+    entries = sorted(os.listdir(out))
+    if entries and not is_model_folder(out):
+        shown = ", ".join(e + "/" * os.path.isdir(os.path.join(out, e)) for e in entries[:8])
+        more = f" and {len(entries) - 8} more" if len(entries) > 8 else ""
+        raise OutputError(f"{out} is not a model folder (no qwen2_jax.json, no config.json with "
+                          f"safetensors), so --force will not replace it; it holds {shown}{more}")
+
+
 def copy_model_files(source: str, destination: str) -> list[str]:
     """Copies the tokenizer and generation files `source` has; returns their names."""
     copied = []
@@ -77,16 +123,13 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str, force: bool = False):
+def atomic_folder(out: str, force: bool = False, sources: tuple[str, ...] = ()):
     """Yields an empty temporary folder next to `out`; it becomes `out` when the block ends
-    normally (replacing an existing `out` only with force) and is removed otherwise."""
+    normally and is removed otherwise. An existing `out` is replaced only with force, and
+    only when check_replaceable allows it (never a source, never a folder not a model's)."""
+    check_replaceable(out, force, sources)
     out = os.path.abspath(out)
     parent, name = os.path.split(out)
-    if os.path.lexists(out):
-        if not os.path.isdir(out):
-            raise OutputError(f"{out} exists and is not a folder")
-        if not force:
-            raise OutputError(f"{out} already exists; pass --force to replace it")
     os.makedirs(parent, exist_ok=True)
     for leftover in glob.glob(os.path.join(parent, f".{glob.escape(name)}.partial-*")):
         logger.warning("%s: left by an interrupted run; remove it to reclaim the space", leftover)

@@ -11,15 +11,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from qwen2_jax import orbax_io
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.convert.output import INCOMPLETE_MARKER
 from qwen2_jax.hf_io import CheckpointError, read_hf_config, read_hf_params
+from qwen2_jax.layers import check_token_ids
 from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import REMAT_POLICIES, Qwen2ForCausalLM
-from qwen2_jax.sharding import mesh_of, named_sharding, resolve_rules, shard_input, use_mesh
+from qwen2_jax.sharding import (
+    auto_axes,
+    mesh_context,
+    mesh_of,
+    named_sharding,
+    resolve_rules,
+    shard_input,
+    use_mesh,
+)
 
 logger = logging.getLogger("qwen2_jax")
 
@@ -51,6 +60,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
     (see `resolve_dtype`). Params are a plain nested dict of jax arrays (paths in `model.py`).
     mesh: place every parameter already sharded by `rules` (see `sharding.resolve_rules`);
     each process reads from disk only the slices (HF) or chunks (Orbax) its own devices hold.
+    Any `jax.make_mesh` mesh works (see `sharding`: missing axes, other names, Explicit axes).
     None: one device.
     """
     folder = os.fspath(path)
@@ -90,7 +100,11 @@ def init(config: Qwen2Config, rng: jax.Array, dtype: str = "float32", mesh: Mesh
         ids = jnp.zeros((1, 1), jnp.int32)
         return nn.meta.unbox(model.init(rng, ids, ids, ids + 1, ids)["params"])
 
-    return jax.jit(init_params, out_shardings=_placement(config, mesh, rules))(rng)
+    if mesh is not None and isinstance(getattr(rng, "sharding", None), NamedSharding):
+        # A key made inside the caller's `jax.set_mesh(explicit_mesh)` is typed as on that mesh.
+        rng = jax.device_put(rng, NamedSharding(auto_axes(mesh), PartitionSpec()))
+    with mesh_context(mesh):
+        return jax.jit(init_params, out_shardings=_placement(config, mesh, rules))(rng)
 
 
 def _abstract_params(config: Qwen2Config) -> dict:
@@ -107,7 +121,7 @@ def param_logical_axes(config: Qwen2Config) -> dict:
 
 def param_shardings(config: Qwen2Config, mesh: Mesh, rules=None) -> dict:
     """The NamedSharding of every parameter on `mesh` under `rules` (same tree as the params)."""
-    rules = resolve_rules(rules)
+    rules = resolve_rules(rules, mesh)
     boxed = _abstract_params(config)
     return jax.tree.map(lambda box: named_sharding(box.names, box.value.shape, mesh, rules),
                         boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -156,17 +170,20 @@ def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *
     [B, T]: default counts real tokens, restarting per segment, so a padded or packed example
     gives the logits it gives alone. dtype: compute dtype (default: the params' dtype).
     remat: one of REMAT_POLICIES (what the backward pass recomputes; no effect on values).
-    mesh, rules: where activations go (default: the mesh the params live on, default rules);
-    inputs may be host arrays every process holds in full. Logits come back sharded over
+    mesh, rules: where activations go (default: the mesh the params live on, default rules;
+    rules that name an axis of a user's own mesh must be passed here as to `load`); inputs
+    may be host arrays every process holds in full; an id outside [0, vocab_size) raises. Logits come back sharded over
     batch (and vocab) on the mesh. moe_dispatch: "sorted" (each token through its top-k
     experts only) or "dense" (every expert, the reference). output_router_logits: return
     (logits, router logits [sparse layers, B*T, E]) for `moe.load_balancing_loss`.
     """
     mesh = mesh if mesh is not None else mesh_of(params)
-    rules = resolve_rules(rules)
-    input_ids = np.asarray(input_ids, np.int32)
+    rules = resolve_rules(rules, mesh)
+    input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    check_token_ids(input_ids, config.vocab_size, "input_ids")  # before int32 could wrap them
+    input_ids = input_ids.astype(np.int32)
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
 
@@ -190,5 +207,6 @@ def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *
         raise ValueError(f"moe_dispatch {moe_dispatch!r} is not 'sorted' or 'dense'")
     if output_router_logits and not any(config.sparse_layers):
         raise ValueError("output_router_logits needs a qwen2_moe config with sparse layers")
-    return _forward(config, dtype, remat, mesh, rules, moe_dispatch, output_router_logits, params,
-                    input_ids, token_mask, positions, segment_ids)
+    with mesh_context(mesh):
+        return _forward(config, dtype, remat, mesh, rules, moe_dispatch, output_router_logits,
+                        params, input_ids, token_mask, positions, segment_ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -32,6 +33,69 @@ _DIALECT_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "torch_dtype",
 
 class ConfigError(ValueError):
     """A config.json that this library cannot run, with what was found and what is expected."""
+
+
+# The architecture keys every config.json that transformers writes has: a file without one is
+# broken, and a default would silently build another model.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads")
+REQUIRED_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                       "shared_expert_intermediate_size")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What a scalar field must be, as the error states it, and the test.
+_EXPECTED = {
+    "a positive integer": lambda v: _is_int(v) and v > 0,
+    "a non-negative integer": lambda v: _is_int(v) and v >= 0,
+    "a positive number": lambda v: _is_number(v) and v > 0,
+    "a non-negative number": lambda v: _is_number(v) and v >= 0,
+    "a number in [0, 1]": lambda v: _is_number(v) and 0 <= v <= 1,
+    "a number >= 1": lambda v: _is_number(v) and v >= 1,
+    "a number": _is_number,
+    "true or false": lambda v: isinstance(v, bool),
+}
+# Checked before anything computes with them (head_dim and sliding_window may also be null).
+_FIELD_EXPECTED = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
+                    "a positive integer"),
+    "max_window_layers": "a non-negative integer",
+    "rms_norm_eps": "a positive number",
+    "rope_theta": "a positive number",
+    "initializer_range": "a non-negative number",
+    "router_aux_loss_coef": "a non-negative number",
+    "attention_dropout": "a number in [0, 1]",
+    **dict.fromkeys(("tie_word_embeddings", "use_sliding_window", "norm_topk_prob"),
+                    "true or false"),
+}
+# The YaRN keys rope.py reads; each may be absent or null.
+_YARN_EXPECTED = {"factor": "a number >= 1",
+                  "original_max_position_embeddings": "a positive integer",
+                  **dict.fromkeys(("beta_fast", "beta_slow", "attention_factor", "mscale",
+                                   "mscale_all_dim"), "a number"),
+                  "truncate": "true or false"}
+_JSON_KINDS = {str: "a string", bool: "a boolean", type(None): "null", tuple: "a list",
+               list: "a list", dict: "an object", FrozenDict: "an object"}
+
+
+def _got(value: Any) -> str:
+    """`value` as an error shows it, with its JSON type where that is the mistake."""
+    kind = _JSON_KINDS.get(type(value))
+    return f"got {_thaw(value)!r}" + (f" ({kind})" if kind else "")
+
+
+def _check(name: str, value: Any, expected: str) -> None:
+    """Raises ConfigError unless `value` is what `expected` (a key of _EXPECTED) says."""
+    if not _EXPECTED[expected](value):
+        raise ConfigError(f"{name} must be {expected}, {_got(value)}")
 
 
 def _freeze(value: Any) -> Any:
@@ -161,11 +225,16 @@ class Qwen2Config:
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2 dense and MoE causal LMs; qwen2_vl, "
                 "llama and other families are out of scope)"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, expected in _FIELD_EXPECTED.items():
+            _check(name, getattr(self, name), expected)
+        if self.head_dim is not None:
+            _check("head_dim", self.head_dim, "a positive integer")
+        if self.sliding_window is not None:  # Qwen2-MoE writes 0 when not sliding
+            _check("sliding_window", self.sliding_window,
+                   "a positive integer" if self.use_sliding_window else "a non-negative integer")
+        rope_key = "rope_parameters" if "rope_parameters" in self.hf_keys else "rope_scaling"
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
+            raise ConfigError(f"{rope_key} must be an object or null, {_got(self.rope_scaling)}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
@@ -185,10 +254,15 @@ class Qwen2Config:
                 f"rope scaling type {self.rope_type!r} is not supported; supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}"
             )
-        if self.rope_type == "yarn" and self.rope_scaling.get("factor") is None and (
-            self.rope_scaling.get("original_max_position_embeddings") is None
-        ):
-            raise ConfigError("yarn rope_scaling needs `factor` or `original_max_position_embeddings`")
+        if self.rope_type == "yarn":
+            for key, expected in _YARN_EXPECTED.items():
+                if self.rope_scaling.get(key) is not None:
+                    _check(f"{rope_key}.{key}", self.rope_scaling[key], expected)
+            if self.rope_scaling.get("factor") is None and (
+                self.rope_scaling.get("original_max_position_embeddings") is None
+            ):
+                raise ConfigError(
+                    "yarn rope_scaling needs `factor` or `original_max_position_embeddings`")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers:
                 raise ConfigError(
@@ -198,17 +272,16 @@ class Qwen2Config:
             unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if unknown:
                 raise ConfigError(f"layer_types has {unknown}; expected only {list(LAYER_TYPES)}")
-        if self.model_type == "qwen2_moe" and any(self.sparse_layers):
-            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                         "decoder_sparse_step"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.model_type == "qwen2_moe":
+            _check("num_experts", self.num_experts, "a non-negative integer")
+            _check("decoder_sparse_step", self.decoder_sparse_step, "a positive integer")
+        if any(self.sparse_layers):
+            for name in ("num_experts_per_tok", "moe_intermediate_size",
+                         "shared_expert_intermediate_size"):
+                _check(name, getattr(self, name), "a positive integer")
             if self.num_experts_per_tok > self.num_experts:
                 raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
                                   f"num_experts={self.num_experts}")
-        if self.use_sliding_window and self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
 
     # ----- Hugging Face config.json -------------------------------------------------------------
 
@@ -223,13 +296,16 @@ class Qwen2Config:
         theta = config.get("rope_theta", 10000.0)
         scaling = config.get("rope_scaling")
         if "rope_parameters" in config:
+            if not isinstance(config["rope_parameters"] or {}, dict):
+                raise ConfigError("rope_parameters must be an object or null, "
+                                  + _got(config["rope_parameters"]))
             rope = dict(config["rope_parameters"] or {})
             theta = rope.pop("rope_theta", theta)
             scaling = rope if rope not in ({}, {"rope_type": "default"}) else None
         dtypes = {config[k] for k in ("torch_dtype", "dtype") if config.get(k) is not None}
         if len(dtypes) > 1:
             raise ConfigError(f"torch_dtype and dtype disagree: {sorted(dtypes)}")
-        return cls(**kwargs, rope_theta=float(theta), rope_scaling=scaling,
+        return cls(**kwargs, rope_theta=theta, rope_scaling=scaling,
                    dtype=dtypes.pop() if dtypes else None,
                    hf_keys=tuple(k for k in _DIALECT_KEYS if k in config), extra=extra)
 
@@ -259,7 +335,8 @@ class Qwen2Config:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Qwen2Config:
-        """Reads `config.json` (or a folder holding one)."""
+        """Reads `config.json` (or a folder holding one). Unlike `from_hf` on a dict, refuses a
+        file without an architecture key (REQUIRED_FIELDS) instead of taking a default."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
@@ -273,9 +350,21 @@ class Qwen2Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
         try:
+            _check_required(data)
             return cls.from_hf(data)
         except (ConfigError, TypeError) as e:
             raise ConfigError(f"{path}: {e}") from e
+
+
+def _check_required(data: dict[str, Any]) -> None:
+    """Refuses a config.json without an architecture key (Python callers may rely on defaults)."""
+    model_type = data.get("model_type")
+    required = REQUIRED_FIELDS + (REQUIRED_MOE_FIELDS if model_type == "qwen2_moe" else ())
+    missing = [k for k in required if k not in data]
+    if model_type in SUPPORTED_MODEL_TYPES and missing:
+        family = "Qwen2-MoE" if model_type == "qwen2_moe" else "Qwen2"
+        raise ConfigError(f"missing required fields: {', '.join(missing)} (a {family} config.json "
+                          "from transformers always has them)")
 
 
 def _preset(**kwargs: Any) -> Qwen2Config:

@@ -13,6 +13,7 @@ server builds on them); `generate` is the whole job.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,11 @@ import numpy as np
 from jax.experimental import io_callback
 
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.layers import check_token_ids
 from qwen2_jax.model import Qwen2ForCausalLM
 from qwen2_jax.sampling import Sampling, choose
 from qwen2_jax.sharding import (
+    mesh_context,
     mesh_of,
     named_sharding,
     resolve_rules,
@@ -30,6 +33,8 @@ from qwen2_jax.sharding import (
     to_host,
     use_mesh,
 )
+
+logger = logging.getLogger("qwen2_jax")
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 MIN_BUCKET = 16
@@ -47,7 +52,7 @@ def init_cache(config: Qwen2Config, batch: int, slots: int, dtype, mesh=None,
     shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads,
              config.head_size)
     sharding = None if mesh is None else named_sharding(CACHE_AXES, shape, mesh,
-                                                        resolve_rules(rules))
+                                                        resolve_rules(rules, mesh))
     # Created in place, shard by shard (no per-call jit to compile).
     return {name: jnp.zeros(shape, dtype, device=sharding) for name in ("k", "v")}
 
@@ -132,6 +137,37 @@ def _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens, stream, p
     return out, count, {name: jnp.stack(layers) for name, layers in cache.items()}, lengths
 
 
+def position_limit(config: Qwen2Config) -> int:
+    """The positions the model was made for: max_position_embeddings, or with YaRN the factor
+    times the original context when that is more (Qwen2.5's recipe keeps
+    max_position_embeddings=32768 and adds factor 4 for 131,072 tokens)."""
+    if config.rope_type != "yarn":
+        return config.max_position_embeddings
+    original = config.rope_scaling.get("original_max_position_embeddings",
+                                       config.max_position_embeddings)
+    factor = config.rope_scaling.get("factor") or config.max_position_embeddings / original
+    return max(config.max_position_embeddings, int(factor * original))
+
+
+def check_length(config: Qwen2Config, lengths: np.ndarray, max_new_tokens: int,
+                 allow_long: bool) -> None:
+    """Refuses prompt + max_new_tokens past `position_limit` (positions the model never saw in
+    training give degraded text, not an error), unless `allow_long`: then one warning."""
+    limit = position_limit(config)
+    row = int(np.argmax(lengths))
+    total = int(lengths[row]) + max_new_tokens
+    if total <= limit:
+        return
+    yarn = f", raised to {limit} by YaRN" if limit != config.max_position_embeddings else ""
+    message = (f"prompts[{row}] has {lengths[row]} tokens; with max_new_tokens={max_new_tokens} "
+               f"that is {total} positions, past the model's max_position_embeddings="
+               f"{config.max_position_embeddings}{yarn}")
+    if not allow_long:
+        raise ValueError(f"{message}. Shorten the prompt or lower max_new_tokens, or pass "
+                         "allow_long=True to generate past the limit anyway (quality degrades)")
+    logger.warning("%s; generating anyway (allow_long=True), quality may degrade", message)
+
+
 _stream_sink = None
 
 
@@ -144,7 +180,7 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, repetition_penalty: float | None = None,
              stop_token_ids=None, seed: int = 0, *, vocab_size: int | None = None, dtype=None,
-             mesh=None, rules=None, on_tokens=None) -> list[list[int]]:
+             mesh=None, rules=None, on_tokens=None, allow_long: bool = False) -> list[list[int]]:
     """Generated token ids per prompt (prompt and stop token excluded), as DESIGN.md.
 
     prompts: token-id lists, ragged. temperature 0: greedy; else sampling with top_k, top_p,
@@ -152,7 +188,8 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
     ends at the first of them. seed: the same seed gives the same tokens. vocab_size: ids at or
     past it are never produced (default config.vocab_size; pass the tokenizer's). dtype:
     compute dtype (default the params'). on_tokens(tokens [B], live [B]): called on the host
-    with each step's tokens as they are produced (streaming).
+    with each step's tokens as they are produced (streaming). allow_long: go past the model's
+    position limit with a warning instead of an error (see `check_length`).
     """
     global _stream_sink
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -161,35 +198,38 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = Sampling(vocab_size or config.vocab_size, temperature, top_k, top_p, min_p,
                         repetition_penalty)
-    if any(not 0 <= t < config.vocab_size for p in prompts for t in p):
-        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size})")
-    mesh = mesh if mesh is not None else mesh_of(params)
-    rules = resolve_rules(rules)
-    dtype = jnp.dtype(dtype) if dtype is not None else params["embed_tokens"]["embedding"].dtype
-
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
+    check_length(config, lengths, max_new_tokens, allow_long)
     width = bucket(int(lengths.max()))
     slots = bucket(int(lengths.max()) + max_new_tokens)
-    ids = np.zeros((batch, width), np.int32)
-    seen = np.zeros((batch, config.vocab_size), bool)
+    ids = np.zeros((batch, width), np.int64)  # int64 first, so no id wraps before the check
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = prompt
+    check_token_ids(ids, config.vocab_size, "prompts")
+    ids = ids.astype(np.int32)
+    seen = np.zeros((batch, config.vocab_size), bool)
+    for row, prompt in enumerate(prompts):
         seen[row, prompt] = True
+    mesh = mesh if mesh is not None else mesh_of(params)
+    rules = resolve_rules(rules, mesh)
+    dtype = jnp.dtype(dtype) if dtype is not None else params["embed_tokens"]["embedding"].dtype
     stops = np.unique(np.asarray(list(stop_token_ids or []) or [-1], np.int32))
 
     if mesh is not None:
         ids = shard_input(ids, mesh, ("batch", "length"), rules)
         seen = shard_input(seen, mesh, ("batch", "vocab"), rules)
-    cache = init_cache(config, batch, slots, dtype, mesh, rules)
-    logits, cache = prefill(config, dtype, mesh, rules, params, cache, ids, jnp.asarray(lengths))
-    _stream_sink = on_tokens
-    try:
-        out, count, _, _ = _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens,
-                                  on_tokens is not None, params, cache, jnp.asarray(lengths),
-                                  logits, jnp.asarray(seen), jnp.asarray(stops),
-                                  jax.random.key(seed))
-        out, count = to_host(out), to_host(count)
-    finally:
-        _stream_sink = None
+    with mesh_context(mesh):
+        cache = init_cache(config, batch, slots, dtype, mesh, rules)
+        logits, cache = prefill(config, dtype, mesh, rules, params, cache, ids,
+                                jnp.asarray(lengths))
+        _stream_sink = on_tokens
+        try:
+            out, count, _, _ = _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens,
+                                            on_tokens is not None, params, cache,
+                                            jnp.asarray(lengths), logits, jnp.asarray(seen),
+                                            jnp.asarray(stops), jax.random.key(seed))
+            out, count = to_host(out), to_host(count)
+        finally:
+            _stream_sink = None
     return [row[:n].tolist() for row, n in zip(np.asarray(out), np.asarray(count), strict=True)]

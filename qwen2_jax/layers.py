@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen2_jax.sharding import constrain
 
@@ -40,6 +41,20 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, name: str) -> None:
+    """Raises ValueError naming the first id of `ids` [B, T] outside [0, vocab_size).
+
+    Called on host arrays before jit, because under jit the lookup cannot raise: `jnp.take`
+    gives NaN rows for ids past the table and wraps negative ids around to its end.
+    """
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if len(bad):
+        row, col = bad[0]
+        more = f"; {len(bad) - 1} more such ids" if len(bad) > 1 else ""
+        raise ValueError(f"token id {ids[row, col]} at [{row}, {col}] of {name} is outside "
+                         f"[0, {vocab_size}) (the model's vocab_size is {vocab_size}){more}")
 
 
 class Embedding(nn.Module):

@@ -10,12 +10,19 @@ rules, never the model code:
 A dimension that its mesh axes do not divide (14 heads on tensor=4) is sharded over the longest
 prefix of those axes that does divide it, down to replicated, with one log line saying so.
 Replicating is exact, so the result never changes, only where the work happens.
+
+Any mesh a user builds works too, e.g. `jax.make_mesh((4, 2), ("fsdp", "tensor"))`: one of our
+axes that the mesh lacks counts as size 1 (the rules naming it skip it), and rules may name any
+axis of the mesh, so `rules="heads=model,kv_heads=model,mlp=model,vocab=model"` puts tensor
+parallelism on a mesh axis called "model". A mesh axis that is none of ours and that no rule
+names is an error (`check_mesh`), never a silent copy of everything over its devices.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -118,30 +125,74 @@ def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
             for name, value, _ in _assignments(text, "rules", "LOGICAL=MESH_AXIS[+MESH_AXIS]")}
 
 
-def resolve_rules(overrides: str | dict | Rules | None = None) -> Rules:
+def resolve_rules(overrides: str | dict | Rules | None = None, mesh: Mesh | None = None) -> Rules:
     """DEFAULT_RULES with `overrides` (a parse_rules string, a {logical: mesh axes} dict, or a
-    complete rules tuple) replacing the entries they name; new names are appended."""
-    if overrides is None:
-        return DEFAULT_RULES
+    complete rules tuple) replacing the entries they name; new names are appended.
+
+    Rules may name our MESH_AXES and, given `mesh`, any axis of it; with a mesh the result is
+    also checked against it (`check_mesh`), so a mismatch fails here, before any work.
+    """
+    known = MESH_AXES if mesh is None else tuple(dict.fromkeys((*MESH_AXES, *mesh.axis_names)))
     if isinstance(overrides, str):
         overrides = parse_rules(overrides)
-    if isinstance(overrides, (tuple, list)):
-        items = [(name, axes) for name, axes in overrides]
-        base: dict[str, tuple[str, ...]] = {}
+    if overrides is None:
+        items, base = [], dict(DEFAULT_RULES)
+    elif isinstance(overrides, (tuple, list)):
+        items, base = [(name, axes) for name, axes in overrides], {}
     else:
-        items = list(overrides.items())
-        base = dict(DEFAULT_RULES)
+        items, base = list(overrides.items()), dict(DEFAULT_RULES)
     for name, axes in items:
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         if name not in LOGICAL_AXES:
             raise ShardingError(f"rules: unknown logical axis {name!r}; known: "
                                 f"{', '.join(LOGICAL_AXES)}")
-        bad = [a for a in axes if a not in MESH_AXES]
+        bad = [a for a in axes if a not in known]
         if bad:
             raise ShardingError(f"rules: {name!r} maps to unknown mesh axes {bad}; known: "
-                                f"{', '.join(MESH_AXES)}")
+                                f"{', '.join(known)}")
         base[name] = axes
-    return tuple(base.items())
+    rules = tuple(base.items())
+    if mesh is not None:
+        check_mesh(mesh, rules)
+    return rules
+
+
+@functools.cache
+def check_mesh(mesh: Mesh, rules: Rules) -> None:
+    """Raises ShardingError for a mesh axis of size > 1 that is none of ours and that no rule
+    names: every array would be copied over its devices, which would all do the same work.
+
+    (Our axes that the mesh lacks are fine: they count as size 1. So is an unknown axis of size
+    1, which splits nothing.) Cached: `logical_spec` calls it for every array.
+    """
+    named = {a for _, axes in rules for a in axes}
+    for axis, size in mesh.shape.items():
+        if axis in MESH_AXES or axis in named or size == 1:
+            continue
+        raise ShardingError(
+            f"mesh axis {axis!r} (size {size}) is none of ours ({', '.join(MESH_AXES)}) and no "
+            f"rule names it, so every array would be copied over its {size} devices. Either "
+            f"rename the mesh axis to one of ours (e.g. 'tensor' for tensor parallelism), or "
+            f"pass rules that map logical axes onto it, the same to load, init, forward and "
+            f"generate (Python rules=..., CLI --rules ...): e.g. "
+            f"rules=\"heads={axis},kv_heads={axis},mlp={axis},vocab={axis}\" to split the "
+            f"heads, mlp and vocab over it, or rules=\"batch=data+fsdp+{axis}\" to split the "
+            f"batch")
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with every axis of type Auto: what our shardings and constraints are built on.
+
+    `jax.make_mesh` gives Explicit axes by default, under which every op must derive its output
+    sharding from its inputs' types; some cannot (the embedding gather of vocab-sharded rows by
+    batch-sharded ids raises ShardingTypeError). The model states where parameters and
+    block-boundary activations go and leaves the rest to the compiler, which is what Auto axes
+    mean. Converting the mesh rather than annotating every op keeps the model code unchanged;
+    the devices and their layout stay the user's, so arrays are sharded exactly as asked.
+    """
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 _LOGGED: set[tuple] = set()
@@ -164,11 +215,13 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
     Rules are taken in order; a mesh axis serves at most one dimension. A dimension gets the
     longest prefix of its mesh axes whose device count divides it (logged when cut short).
+    A mesh axis the mesh lacks counts as size 1.
     """
+    check_mesh(mesh, rules)
     mesh_sizes = dict(mesh.shape)
 
     def devices(mesh_axes: tuple[str, ...]) -> int:
-        return math.prod(mesh_sizes[a] for a in mesh_axes)
+        return math.prod(mesh_sizes.get(a, 1) for a in mesh_axes)
 
     taken: set[str] = set()
     chosen: list[tuple[str, ...]] = [()] * len(axes)
@@ -182,7 +235,7 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
         while used and shape[dim] % devices(used):
             used = used[:-1]
         # Size-1 mesh axes split nothing; leaving them out keeps specs (and the log) plain.
-        chosen[dim] = tuple(a for a in used if mesh_sizes[a] > 1)
+        chosen[dim] = tuple(a for a in used if mesh_sizes.get(a, 1) > 1)
         if used != mesh_axes:
             _log_once(name, shape[dim], mesh_axes, devices(mesh_axes), chosen[dim])
         taken.update(used)
@@ -191,7 +244,8 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                    rules: Rules) -> NamedSharding:
-    return NamedSharding(mesh, logical_spec(axes, shape, mesh, rules))
+    """logical_spec's sharding, on `mesh` made all-Auto (see `auto_axes`)."""
+    return NamedSharding(auto_axes(mesh), logical_spec(axes, shape, mesh, rules))
 
 
 # The mesh and rules that `constrain` applies, set around tracing by `use_mesh`.
@@ -211,6 +265,17 @@ def use_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def mesh_context(mesh: Mesh | None):
+    """`jax.set_mesh` of the all-Auto `mesh` (see `auto_axes`), around a public function's
+    calls into jit (nothing for None).
+
+    Inside a caller's own `with jax.set_mesh(explicit_mesh)`, every host array and jit argument
+    would otherwise be typed as living on that Explicit mesh, and rejected next to our
+    Auto-sharded parameters.
+    """
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(auto_axes(mesh))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -35,6 +35,7 @@ class Tokenizer:
     """Encode, decode and chat formatting for the model folder `folder`."""
 
     def __init__(self, folder: str):
+        self.folder = folder
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.exists(path):
             raise TokenizerError(f"{folder}: no tokenizer.json; generation from text needs one")
@@ -56,6 +57,16 @@ class Tokenizer:
     def __len__(self) -> int:
         """Ids the tokenizer can produce (added tokens included); the embedding may be larger."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def out_of_vocabulary(self, ids: list[int], vocab_size: int) -> str | None:
+        """What is wrong when `ids` hold an id the model (`vocab_size` rows) has no embedding
+        for, which would give NaN logits; None when all fit."""
+        largest = max(ids, default=0)
+        if largest < vocab_size:
+            return None
+        return (f"token id {largest} ({self.decode([largest])!r}) is past the model's "
+                f"vocabulary: the tokenizer ({self.folder}/tokenizer.json) has {len(self)} "
+                f"tokens, the model's vocab_size is {vocab_size}; they do not belong together")
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids

@@ -196,8 +196,13 @@ def test_existing_output_needs_force(tmp_path, capsys, source):
     status, _, err = run_cli(capsys, "convert", source, out_dir)
     assert status == 2 and "already exists; pass --force" in err
     assert (out_dir / "keep.txt").read_text() == "mine"
+    (out_dir / "keep.txt").unlink()
+    assert run_cli(capsys, "convert", source, out_dir)[0] == 2  # even an empty one
     assert run_cli(capsys, "convert", source, out_dir, "--force")[0] == 0
-    assert not (out_dir / "keep.txt").exists() and (out_dir / "qwen2_jax.json").exists()
+    assert (out_dir / "qwen2_jax.json").exists()
+    (out_dir / "mine.txt").write_text("mine")  # ours: --force replaces it whole
+    assert run_cli(capsys, "convert", source, out_dir, "--force")[0] == 0
+    assert not (out_dir / "mine.txt").exists() and (out_dir / "qwen2_jax.json").exists()
     assert leftovers(out_dir) == ["orbax"]
 
 

@@ -95,16 +95,29 @@ def _extend(tokens, targets, rendered: list[int], train: bool):
     return rendered, targets + [train] * added
 
 
+def check_vocabulary(tokenizer: Tokenizer, ids: list[int], vocab_size: int | None,
+                     where: str) -> None:
+    """A DataError at `where` when `ids` hold an id past the model's vocabulary."""
+    problem = None if vocab_size is None else tokenizer.out_of_vocabulary(ids, vocab_size)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+
+
 def read_jsonl(path: str, convert, skip_bad_lines: bool, stats) -> Iterator:
-    """convert(record, "file:line") of each non-empty line. A bad line (invalid JSON, or a
-    DataError from convert) raises a DataError naming file and line, or with skip_bad_lines
-    is counted in stats.skipped_bad_lines and skipped."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    """convert(record, "file:line") of each non-empty line. A bad line (not UTF-8, invalid
+    JSON, or a DataError from convert) raises a DataError naming file and line, or with
+    skip_bad_lines is counted in stats.skipped_bad_lines and skipped."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of "
+                                    "the line)") from None
+                if not line.strip():
+                    continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -120,16 +133,19 @@ def read_jsonl(path: str, convert, skip_bad_lines: bool, stats) -> Iterator:
 
 
 def load_examples(path: str, tokenizer: Tokenizer, max_len: int, overflow: str = "truncate",
-                  train_on_prompt: bool = False, skip_bad_lines: bool = False
-                  ) -> tuple[list[Example], DataStats]:
+                  train_on_prompt: bool = False, skip_bad_lines: bool = False,
+                  vocab_size: int | None = None) -> tuple[list[Example], DataStats]:
     """Reads and tokenizes a JSONL file. overflow: "truncate" (keep the first max_len
-    tokens) or "drop" examples longer than max_len; both are counted in the stats."""
+    tokens) or "drop" examples longer than max_len; both are counted in the stats.
+    vocab_size: the model's; a line with a token id past it is a bad line."""
     if overflow not in ("truncate", "drop"):
         raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
     examples, stats = [], DataStats()
 
     def convert(record, where):
-        return tokenize(_messages(record, where), tokenizer, train_on_prompt)
+        example = tokenize(_messages(record, where), tokenizer, train_on_prompt)
+        check_vocabulary(tokenizer, example.tokens, vocab_size, where)
+        return example
 
     for example in read_jsonl(path, convert, skip_bad_lines, stats):
         if len(example.tokens) > max_len:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from qwen2_jax.config import Qwen2Config
 from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.preference import Pair, load_pairs, pair_batch
 from qwen2_jax.train.step import token_losses
-from qwen2_jax.train.trainer import Task, TrainArgs, fit, read_data
+from qwen2_jax.train.trainer import Task, TrainArgs, fit, prepare, read_data
 
 LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 METRICS = {"rewards/accuracies": "acc", "rewards/margins": "margin", "rewards/chosen": "r_c",
@@ -117,7 +117,7 @@ def sequence_logps(config, dtype, mesh, rules, params, batch) -> jnp.ndarray:
 
 @dataclasses.dataclass
 class DPOArgs(TrainArgs):
-    max_len: int = 1024  # TRL's max_length
+    DEFAULT_MAX_LEN: ClassVar[int] = 1024  # TRL's max_length
     lr: float = 1e-6  # TRL's DPO learning rate
     max_prompt_len: int | None = None
     loss: str = "sigmoid"
@@ -172,15 +172,16 @@ def precompute_reference(config, params, pairs: list[Pair], args: DPOArgs, mesh,
 
 def run(args: DPOArgs, mesh=None, rules=None) -> dict:
     """DPO-trains args.model on args.data; returns the summary of `trainer.fit`."""
+    config = prepare(args, "dpo")
     check_args(args)
     tokenizer = Tokenizer(args.model)
 
     def read(path):
         return load_pairs(path, tokenizer, args.max_len, args.max_prompt_len, args.overflow,
-                          args.skip_bad_lines)
+                          args.skip_bad_lines, config.vocab_size)
 
     pairs, stats, eval_pairs = read_data(args, read)
-    rules = qwen2_jax.sharding.resolve_rules(rules)
+    rules = qwen2_jax.sharding.resolve_rules(rules, mesh)
     dtype = jnp.dtype(args.compute_dtype)
     ref_path = args.ref_model or args.model
     reference, tables, ref_params = "none (reference-free)", None, None

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from qwen2_jax.tokenizer import Tokenizer
-from qwen2_jax.train.data import DataError, check_messages, read_jsonl
+from qwen2_jax.train.data import DataError, check_messages, check_vocabulary, read_jsonl
 
 
 @dataclasses.dataclass
@@ -101,16 +101,19 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer: Tokenizer, eos: str | Non
 
 
 def load_pairs(path: str, tokenizer: Tokenizer, max_len: int, max_prompt_len: int | None = None,
-               overflow: str = "truncate", skip_bad_lines: bool = False
-               ) -> tuple[list[Pair], PreferenceStats]:
-    """Reads and tokenizes a preference JSONL file (see the module docstring)."""
+               overflow: str = "truncate", skip_bad_lines: bool = False,
+               vocab_size: int | None = None) -> tuple[list[Pair], PreferenceStats]:
+    """Reads and tokenizes a preference JSONL file (see the module docstring). vocab_size:
+    the model's; a line with a token id past it is a bad line."""
     if overflow not in ("truncate", "drop"):
         raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
     eos = tokenizer.special_token("eos_token")
     stats, pairs = PreferenceStats(), []
 
     def convert(record, where):
-        return tokenize_pair(*split_record(record, where), tokenizer, eos)
+        pair = tokenize_pair(*split_record(record, where), tokenizer, eos)
+        check_vocabulary(tokenizer, pair.prompt + pair.chosen + pair.rejected, vocab_size, where)
+        return pair
 
     for pair in read_jsonl(path, convert, skip_bad_lines, stats):
         if max_prompt_len is not None and len(pair.prompt) > max_prompt_len:

