@@ -16,12 +16,9 @@ import flax.linen as nn
 import numpy as np
 
 from qwen2_jax.api import DTYPES, _abstract_params
-from qwen2_jax.config import Qwen2Config
-from qwen2_jax.convert.mapping import TensorRule, tensor_rules
-from qwen2_jax.convert.output import atomic_folder, copy_model_files
-from qwen2_jax.convert.progress import Progress
-from qwen2_jax.hf_io import INDEX_FILE
-from qwen2_jax.orbax_io import (
+from qwen2_jax.checkpoint.hf_io import INDEX_FILE
+from qwen2_jax.checkpoint.mapping import TensorRule, tensor_rules
+from qwen2_jax.checkpoint.orbax_io import (
     CHUNK_BYTES,
     OrbaxCheckpointError,
     check_params,
@@ -29,7 +26,10 @@ from qwen2_jax.orbax_io import (
     open_arrays,
     read_metadata,
 )
-from qwen2_jax.safetensors_file import write_safetensors
+from qwen2_jax.checkpoint.output import atomic_folder, copy_model_files
+from qwen2_jax.checkpoint.progress import Progress
+from qwen2_jax.checkpoint.safetensors_file import write_safetensors
+from qwen2_jax.config import Qwen2Config
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

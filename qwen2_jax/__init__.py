@@ -9,9 +9,10 @@ K kv heads, G query heads per kv head, H head_dim, V vocab, L layers, E experts.
 """
 
 from qwen2_jax.api import forward, init, load, param_logical_axes
+from qwen2_jax.checkpoint.hf_io import CheckpointError
 from qwen2_jax.config import PRESETS, ConfigError, Qwen2Config
 from qwen2_jax.decoding import generate
-from qwen2_jax.hf_io import CheckpointError
+from qwen2_jax.embedded import default_model
 
 __version__ = "0.1.0"
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Qwen2Config",
+    "default_model",
     "forward",
     "generate",
     "init",

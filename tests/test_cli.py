@@ -21,7 +21,7 @@ def test_help_lists_commands():
 
 
 def test_demo_prints_one_json_line_within_tolerance(tmp_path):
-    out = run("demo", "--out", str(tmp_path / "tiny"))
+    out = run("demo", "--tiny", "--out", str(tmp_path / "tiny"))
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["ok"] and report["max_abs_logit_diff"] <= 1e-4
@@ -36,7 +36,7 @@ def test_unknown_command_fails():
 
 
 def test_demo_on_a_mesh_logs_what_it_replicates():
-    out = run("demo", "--mesh", "fsdp=-1,tensor=4")
+    out = run("demo", "--tiny", "--mesh", "fsdp=-1,tensor=4")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["ok"] and report["mesh"] == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 4}
@@ -44,11 +44,11 @@ def test_demo_on_a_mesh_logs_what_it_replicates():
 
 
 def test_bad_mesh_and_rules_are_clear_errors():
-    out = run("demo", "--mesh", "tensor=3")
+    out = run("demo", "--tiny", "--mesh", "tensor=3")
     assert out.returncode != 0 and "uses 3 devices but 8 are available" in out.stderr
-    out = run("demo", "--mesh", "tensor=8", "--rules", "heads=model")
+    out = run("demo", "--tiny", "--mesh", "tensor=8", "--rules", "heads=model")
     assert out.returncode != 0 and "'heads' maps to unknown mesh axes ['model']" in out.stderr
-    out = run("demo", "--coordinator", "127.0.0.1:1")
+    out = run("demo", "--tiny", "--coordinator", "127.0.0.1:1")
     assert out.returncode != 0 and "go together" in out.stderr
 
 

@@ -23,7 +23,7 @@ import qwen2_jax
 from conftest import hf_logits, make_hf_model
 from qwen2_jax import cli
 from qwen2_jax.api import param_shardings
-from qwen2_jax.orbax_io import OrbaxCheckpointError
+from qwen2_jax.checkpoint.orbax_io import OrbaxCheckpointError
 from qwen2_jax.sharding import make_mesh
 
 MODEL_FILES = {"tokenizer.json": '{"model": "bpe"}', "tokenizer_config.json": '{"a": 1}',
@@ -133,7 +133,7 @@ def test_convert_to_another_dtype_and_export_back(tmp_path, capsys, source):
 def test_orbax_restores_into_a_mesh(tmp_path, source, layout, spec):
     """Restored straight into the mesh's shardings, whatever mesh the chunks were laid out
     for; the same arrays and placement as loading the HF folder onto that mesh."""
-    from qwen2_jax.convert.hf_to_orbax import convert
+    from qwen2_jax.checkpoint.to_orbax import write_orbax as convert
 
     convert(str(source), str(tmp_path / "orbax"), mesh=None if layout is None else
             make_mesh(layout), progress=False)
@@ -148,8 +148,8 @@ def test_orbax_restores_into_a_mesh(tmp_path, source, layout, spec):
 
 
 def test_layout_mesh_makes_chunks_no_larger_than_shards(tmp_path, source):
-    from qwen2_jax.convert.hf_to_orbax import convert
-    from qwen2_jax.orbax_io import open_arrays
+    from qwen2_jax.checkpoint.orbax_io import open_arrays
+    from qwen2_jax.checkpoint.to_orbax import write_orbax as convert
 
     mesh = make_mesh("fsdp=4,tensor=2")
     convert(str(source), str(tmp_path / "orbax"), mesh=mesh, progress=False)
@@ -167,7 +167,7 @@ def test_verify_reports_zero_and_catches_a_bad_copy(tmp_path, capsys, source, mo
     assert json.loads(out)["verify"] == {"max_abs_logit_diff": 0.0, "ok": True}
 
     # A converter bug that swaps two rows of one layer's q_proj must fail the verification.
-    from qwen2_jax.convert import hf_to_orbax
+    from qwen2_jax.checkpoint import to_orbax as hf_to_orbax
 
     real = hf_to_orbax.streamed_params
 
@@ -270,8 +270,9 @@ def test_export_refuses_incomplete_or_mismatched_checkpoints(tmp_path, capsys, s
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
-    from qwen2_jax import cli, orbax_io
-    from qwen2_jax.convert import hf_to_orbax
+    from qwen2_jax import cli
+    from qwen2_jax.checkpoint import orbax_io
+    from qwen2_jax.checkpoint import to_orbax as hf_to_orbax
 
     action, source, out = sys.argv[1:4]
     real = hf_to_orbax.streamed_params

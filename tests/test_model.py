@@ -12,7 +12,7 @@ import pytest
 import qwen2_jax
 from qwen2_jax import PRESETS, Qwen2Config
 from qwen2_jax.api import _forward
-from qwen2_jax.convert.mapping import stacked_groups, stacked_shape, tensor_rules
+from qwen2_jax.checkpoint.mapping import stacked_groups, stacked_shape, tensor_rules
 from qwen2_jax.masks import causal_mask, positions_from_mask, sliding_window_mask
 from qwen2_jax.model import REMAT_POLICIES
 from qwen2_jax.sharding import DEFAULT_RULES

@@ -15,7 +15,7 @@ import pytest
 
 import qwen2_jax
 from conftest import make_hf_model
-from qwen2_jax.convert.hf_to_orbax import convert
+from qwen2_jax.checkpoint.to_orbax import write_orbax as convert
 from qwen2_jax.sharding import make_mesh
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
@@ -85,7 +85,7 @@ def test_two_processes_load_half_each_and_match_one_process(tmp_path, orbax):
 def test_cli_demo_as_two_processes():
     """The README's several-local-processes command: each process prints a passing report."""
     script = Path(sys.executable).parent / "qwen2-jax"
-    outs = run_processes(lambda port, i: [script, "demo", "--mesh", "fsdp=-1,tensor=2",
+    outs = run_processes(lambda port, i: [script, "demo", "--tiny", "--mesh", "fsdp=-1,tensor=2",
                                           "--coordinator", f"127.0.0.1:{port}",
                                           "--num-processes", 2, "--process-id", i])
     for stdout, stderr in outs:

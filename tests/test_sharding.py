@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import qwen2_jax
 from conftest import make_hf_model
 from qwen2_jax.api import _forward, param_shardings
-from qwen2_jax.hf_io import read_hf_config, read_hf_params
+from qwen2_jax.checkpoint.hf_io import HFCheckpoint, read_hf_config, read_hf_params
 from qwen2_jax.sharding import (
     DEFAULT_RULES,
     MESH_AXES,
@@ -162,13 +162,13 @@ def test_each_distinct_shard_is_read_once(divisible_checkpoint):
     total = sum(x.nbytes for x in jax.tree.leaves(qwen2_jax.load(folder)[1]))
     for spec in ("data=8", "fsdp=8", "tensor=8"):
         shardings = param_shardings(config, make_mesh(spec))
-        _, read = read_hf_params(folder, config, np.dtype(np.float32), shardings)
+        _, read = read_hf_params(HFCheckpoint(folder, config), np.dtype(np.float32), shardings)
         assert read == total, spec
 
 
 def test_read_slice_matches_full_tensor(divisible_checkpoint):
     """Reading a slice of one tensor equals slicing the whole tensor, for every layout."""
-    from qwen2_jax.hf_io import HFCheckpoint
+    from qwen2_jax.checkpoint.hf_io import HFCheckpoint
 
     config = read_hf_config(str(divisible_checkpoint))
     ckpt = HFCheckpoint(str(divisible_checkpoint), config)

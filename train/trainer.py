@@ -25,11 +25,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from qwen2_jax.checkpoint.orbax_io import PARAMS_DIR, write_metadata
+from qwen2_jax.checkpoint.output import atomic_folder, copy_model_files, is_model_folder
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.convert.output import atomic_folder, copy_model_files, is_model_folder
 from qwen2_jax.decoding import position_limit
 from qwen2_jax.model import REMAT_POLICIES
-from qwen2_jax.orbax_io import PARAMS_DIR, write_metadata
 from qwen2_jax.train.step import TrainConfig, evaluate_step, optimizer, train_step
 
 logger = logging.getLogger("qwen2_jax")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import math
 import os
 import re
 import sys
@@ -93,20 +92,28 @@ def require_path(flag: str, path: str | None, what: str = "model folder") -> Non
         raise UsageError(f"{flag} {path}: no such file or folder (expected a {what})")
 
 
+MODEL_HELP = ("a Hugging Face or Orbax model folder, or a .gguf file (default: the embedded "
+              "Qwen2.5-Coder-0.5B-Instruct, installed by the model extra)")
+
+
+def model_path(path: str | None, flag: str = "--model") -> str:
+    """A --model value as a folder every command reads: the embedded default model when not
+    given, and a .gguf file converted once into the cache (tokenizer and config included)."""
+    from qwen2_jax import embedded
+    from qwen2_jax.checkpoint.hf_io import is_gguf
+
+    if path is None:
+        return embedded.default_model()
+    require_path(flag, path)
+    return embedded.converted(path) if is_gguf(path) else path
+
+
 def check_at_least(args: argparse.Namespace, minimum: int | float, *names: str) -> None:
     """A UsageError naming the flag when args.<name> is set and below `minimum`."""
     for name in names:
         value = getattr(args, name)
         if value is not None and not value >= minimum:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-
-
-def check_positive(args: argparse.Namespace, *names: str) -> None:
-    """A UsageError naming the flag when args.<name> is set and not a finite number > 0."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a number > 0, got {value}")
 
 
 @contextlib.contextmanager
@@ -138,7 +145,7 @@ def run_guarded(name: str, run: Callable[[], int], lower: str, cleaned: str = ""
     """run() with every error a user can cause turned into one line on stderr and an exit
     code (see the module docstring). `lower`: the flags to lower when memory runs out.
     `cleaned`: what a failure while writing leaves, e.g. "; removed the partial output"."""
-    from qwen2_jax.convert.output import Interrupted
+    from qwen2_jax.checkpoint.output import Interrupted
 
     prefix = f"qwen2-jax {name}:"
     try:

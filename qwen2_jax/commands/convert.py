@@ -19,18 +19,21 @@ NAME = "convert"
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
-        NAME, help="Hugging Face safetensors folder -> Orbax checkpoint folder",
-        description="Writes a Hugging Face Qwen2 folder (config.json + *.safetensors) as an Orbax "
+        NAME, help="Hugging Face safetensors folder or GGUF file -> Orbax checkpoint folder",
+        description="Writes a Hugging Face Qwen2 folder (config.json + *.safetensors), or a "
+        "llama.cpp GGUF file (qwen2, qwen2moe; dequantized to float32 as transformers does, "
+        "with config.json, tokenizer.json and the chat template from its metadata), as an Orbax "
         "checkpoint folder: params/ (the parameter pytree, Orbax), config.json, the tokenizer "
         "and generation files the source has, and qwen2_jax.json (format version, dtype, "
         "source). Streams: each chunk is read, transposed, cast and written in turn, so memory "
         "holds a few chunks (4 MiB each at most), never the model. Everything goes into a "
         "hidden temporary folder beside OUT_DIR, renamed to OUT_DIR when complete; on an error, "
         "Ctrl-C or SIGTERM it is removed. Prints one JSON line.")
-    parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder")
+    parser.add_argument("hf_dir", metavar="SOURCE",
+                        help="Hugging Face model folder, or a .gguf file")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="Orbax checkpoint folder to write")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                        help="storage dtype (default: the source's)")
+                        help="storage dtype (default: the source's; float32 for GGUF)")
     add_output_args(parser)
     add_mesh_args(parser, processes=False,
                   mesh_help="write chunks no larger than this mesh's shards, so that a restore "
@@ -70,9 +73,9 @@ def report(args: argparse.Namespace, summary: dict, source: str, written: str, m
 
 def run(args: argparse.Namespace) -> int:
     def convert() -> int:
-        from qwen2_jax.convert.hf_to_orbax import convert
+        from qwen2_jax.checkpoint.to_orbax import write_orbax as convert
 
-        require_path("HF_DIR", args.hf_dir, "Hugging Face model folder")
+        require_path("SOURCE", args.hf_dir, "Hugging Face model folder or .gguf file")
         mesh, rules = mesh_from_args(args)
         summary = convert(args.hf_dir, args.out_dir, args.dtype, mesh, rules, args.force,
                           progress=not args.no_progress)

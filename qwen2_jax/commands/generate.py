@@ -12,9 +12,11 @@ import sys
 
 from qwen2_jax.commands.common import (
     MESH_HELP,
+    MODEL_HELP,
     UsageError,
     add_mesh_args,
     mesh_from_args,
+    model_path,
     require_path,
     run_guarded,
     stage,
@@ -39,8 +41,7 @@ def add_parser(sub) -> None:
         "JSON line per prompt. A prompt plus --max-new-tokens longer than the model's "
         "max_position_embeddings is refused unless --allow-long.", epilog=MESH_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="PATH",
-                        help="a Hugging Face or Orbax model folder with a tokenizer")
+    parser.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="the prompt")
     source.add_argument("--prompts-file", metavar="FILE",
@@ -51,6 +52,16 @@ def add_parser(sub) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help="tokens to generate at most (default: generation_config or "
                         f"{DEFAULT_MAX_NEW_TOKENS})")
+    add_sampling_args(parser)
+    parser.add_argument("--allow-long", action="store_true",
+                        help="generate past the model's max_position_embeddings (with a "
+                        "warning) instead of refusing")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_mesh_args(parser)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags, shared with chat (their defaults: generation_config.json)."""
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 = greedy; > 0 samples (default: generation_config)")
     parser.add_argument("--top-k", type=int, default=None,
@@ -61,11 +72,6 @@ def add_parser(sub) -> None:
                         help="drop tokens below min_p x the top probability, in [0, 1]")
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="divide (multiply, if negative) the logits of seen tokens; > 0")
-    parser.add_argument("--allow-long", action="store_true",
-                        help="generate past the model's max_position_embeddings (with a "
-                        "warning) instead of refusing")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    add_mesh_args(parser)
 
 
 # name -> (test, what it must be), for the sampling flags and generation_config.json fields.
@@ -124,9 +130,14 @@ def generation_defaults(folder: str) -> dict:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """The sampling flags' values, checked before anything loads; errors name the flag."""
+    """--system needs --chat; then check_sampling_flags."""
     if args.system and not args.chat:
         raise UsageError("--system needs --chat")
+    check_sampling_flags(args)
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling flags' values, checked before anything loads; errors name the flag."""
     for name, (ok, expected) in SETTINGS.items():
         value = getattr(args, name)
         if value is not None and not ok(value):
@@ -188,7 +199,7 @@ def _generate(args: argparse.Namespace) -> int:
     from qwen2_jax.tokenizer import StreamDecoder, Tokenizer
 
     check_flags(args)
-    require_path("--model", args.model)
+    args.model = model_path(args.model)
     config = qwen2_jax.Qwen2Config.from_file(args.model)
     settings = generation_defaults(args.model)
     tokenizer = Tokenizer(args.model)

@@ -7,9 +7,11 @@ import json
 
 from qwen2_jax.commands.common import (
     DTYPE_CHOICES,
+    MODEL_HELP,
     RunFailed,
     add_mesh_args,
     mesh_from_args,
+    model_path,
     require_path,
     run_guarded,
     stage,
@@ -32,7 +34,7 @@ TRAIN_FIELDS = ("model", "data", "out", "eval_data", "max_len", "skip_bad_lines"
 
 def add_train_args(parser: argparse.ArgumentParser, unit: str, max_len: int, lr: float) -> None:
     """The flags sft and dpo share (TrainArgs)."""
-    parser.add_argument("--model", required=True, metavar="PATH", help="HF or Orbax model folder")
+    parser.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
     parser.add_argument("--data", required=True, metavar="FILE", help="training JSONL (UTF-8)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--eval-data", metavar="FILE", help="JSONL evaluated at every save")
@@ -90,11 +92,12 @@ def run_training(args: argparse.Namespace, args_class, run, fields: tuple[str, .
     def train() -> int:
         from qwen2_jax.train.trainer import TrainingFailed
 
-        require_path("--model", args.model)
+        args.model = model_path(args.model)
         require_path("--data", args.data, "JSONL file")
         require_path("--eval-data", args.eval_data, "JSONL file")
-        if not getattr(args, "reference_free", False):  # else --ref-model is the error
-            require_path("--ref-model", getattr(args, "ref_model", None))
+        # with --reference-free, --ref-model is the error to report
+        if getattr(args, "ref_model", None) is not None and not args.reference_free:
+            args.ref_model = model_path(args.ref_model, "--ref-model")
         mesh, rules = mesh_from_args(args)
         options = args_class(**{k: getattr(args, k) for k in fields},
                              overflow="drop" if args.drop_long else "truncate",

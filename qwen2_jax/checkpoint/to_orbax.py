@@ -1,26 +1,33 @@
-"""Hugging Face safetensors folder -> our Orbax checkpoint folder, streamed chunk by chunk.
+"""Any checkpoint we read (HF safetensors folder, GGUF file) -> our Orbax folder, streamed chunk
+by chunk.
 
-Every tensor name and shape is checked against config.json before anything is written. Then
-each zarr chunk of each parameter is read from the safetensors files (only the rows and
-columns it covers), transposed to our layout, cast and written, a few chunks in flight at a
-time: memory holds a few chunks, never the model.
+Every tensor name and shape is checked against the config before anything is written. Then
+each zarr chunk of each parameter is read from the source (only the rows and columns it
+covers), transposed to our layout, cast and written, a few chunks in flight at a time: memory
+holds a few chunks, never the model (a GGUF source holds one dequantized tensor besides).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
 
 from qwen2_jax.api import DTYPES, param_shardings
-from qwen2_jax.convert.mapping import stacked_groups, stacked_shape
-from qwen2_jax.convert.output import atomic_folder, copy_model_files
-from qwen2_jax.convert.progress import Progress
-from qwen2_jax.hf_io import CheckpointError, HFCheckpoint, read_hf_config
-from qwen2_jax.orbax_io import PARAMS_DIR, StreamedArray, blocks_of, save_streamed, write_metadata
+from qwen2_jax.checkpoint.hf_io import CheckpointError, HFCheckpoint, open_checkpoint
+from qwen2_jax.checkpoint.mapping import stacked_groups, stacked_shape
+from qwen2_jax.checkpoint.orbax_io import (
+    PARAMS_DIR,
+    StreamedArray,
+    blocks_of,
+    save_streamed,
+    write_metadata,
+)
+from qwen2_jax.checkpoint.output import atomic_folder
+from qwen2_jax.checkpoint.progress import Progress
 
 
 def storage_dtype(ckpt: HFCheckpoint, dtype: str | None) -> np.dtype:
@@ -75,29 +82,37 @@ def streamed_params(ckpt: HFCheckpoint, dtype: np.dtype, shardings: dict | None,
     return tree
 
 
-def convert(hf_dir: str, out_dir: str, dtype: str | None = None, mesh=None, rules=None,
-            force: bool = False, progress: bool = True) -> dict:
-    """Writes `hf_dir` (config.json + safetensors) as an Orbax checkpoint folder `out_dir`.
+def write_orbax(source: str, out_dir: str, dtype: str | None = None, mesh=None, rules=None,
+                force: bool = False, progress: bool = True) -> dict:
+    """Writes `source` (an HF folder, or a .gguf file) as our Orbax checkpoint folder
+    `out_dir`, with its config.json and tokenizer/generation files.
 
-    dtype: storage dtype (default: the source's). mesh, rules: lay chunks out as the shards of
-    this mesh, so a restore onto it reads exactly its shards (default: one chunk per layer
-    and tensor, split to at most 4 MiB). Returns a summary dict.
+    dtype: storage dtype (default: the source's; float32 for GGUF, whose quantized tensors
+    dequantize to it). mesh, rules: lay chunks out as the shards of this mesh, so a restore
+    onto it reads exactly its shards (default: one chunk per layer and tensor, split to at
+    most 4 MiB). Returns a summary dict.
     """
     if jax.process_count() > 1:
         raise ValueError("convert runs as a single process; --mesh only sets the chunk layout")
     start = time.perf_counter()
-    config = read_hf_config(hf_dir)
-    ckpt = HFCheckpoint(hf_dir, config)  # names and shapes checked before anything is written
+    config, ckpt, files = open_checkpoint(source)  # names and shapes checked before writing
     target = storage_dtype(ckpt, dtype)
     shardings = param_shardings(config, mesh, rules) if mesh is not None else None
     total = sum(int(np.prod(r.our_shape)) for r in ckpt.rules) * target.itemsize
-    with atomic_folder(out_dir, force, sources=(hf_dir,)) as temp:
+    with atomic_folder(out_dir, force, sources=(source,)) as temp:
         with Progress("convert", total, len(ckpt.rules), enabled=progress) as bar:
             save_streamed(os.path.join(temp, PARAMS_DIR),
                           streamed_params(ckpt, target, shardings, bar))
-        shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(temp, "config.json"))
-        copied = copy_model_files(hf_dir, temp)
-        write_metadata(temp, dtype=target.name, source=os.path.abspath(hf_dir),
+        for name, data in files.items():
+            with open(os.path.join(temp, name), "wb") as f:
+                f.write(data)
+        write_metadata(temp, dtype=target.name, source=os.path.abspath(source),
                        mesh=dict(mesh.shape) if mesh is not None else None)
     return {"out": os.path.abspath(out_dir), "dtype": target.name, "tensors": len(ckpt.rules),
-            "bytes": total, "model_files": copied, "seconds": round(time.perf_counter() - start, 3)}
+            "bytes": total, "model_files": sorted(set(files) - {"config.json"}),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def config_file(config: dict) -> bytes:
+    """config.json's bytes for a config dict (as transformers writes it: indent 2)."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()

@@ -17,7 +17,7 @@ import signal
 import tempfile
 import threading
 
-from qwen2_jax.orbax_io import STOP, stop_writers
+from qwen2_jax.checkpoint.orbax_io import STOP, is_orbax_folder, stop_writers
 
 logger = logging.getLogger("qwen2_jax")
 
@@ -46,8 +46,6 @@ class Interrupted(KeyboardInterrupt):
 def is_model_folder(folder: str) -> bool:
     """Ours (qwen2_jax.json, or an Orbax params/ folder) or Hugging Face's (config.json with
     safetensors): the only folders --force may replace."""
-    from qwen2_jax.orbax_io import is_orbax_folder
-
     names = os.listdir(folder)
     weights = any(n.endswith(".safetensors") or n == "model.safetensors.index.json"
                   for n in names)

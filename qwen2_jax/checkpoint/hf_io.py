@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import mmap
 import os
@@ -17,17 +18,19 @@ import os
 import jax
 import numpy as np
 
-from qwen2_jax.config import ConfigError, Qwen2Config
-from qwen2_jax.convert.mapping import (
+from qwen2_jax.checkpoint.mapping import (
     TensorRule,
     is_ignorable,
     stacked_groups,
     stacked_shape,
     tensor_rules,
 )
-from qwen2_jax.safetensors_file import SafetensorsFile, SafetensorsFormatError
+from qwen2_jax.checkpoint.output import MODEL_FILES
+from qwen2_jax.checkpoint.safetensors_file import SafetensorsFile, SafetensorsFormatError
+from qwen2_jax.config import ConfigError, Qwen2Config
 
 INDEX_FILE = "model.safetensors.index.json"
+logger = logging.getLogger("qwen2_jax")
 
 
 class CheckpointError(ValueError):
@@ -82,16 +85,19 @@ class HFCheckpoint:
     unreadable file, before any data is read.
     """
 
-    def __init__(self, folder: str, config: Qwen2Config):
+    def __init__(self, folder: str, config: Qwen2Config, files: list | None = None):
         self.folder = folder
         self.rules = tensor_rules(config)
         self.bytes_read = 0
-        self._where = self._check(config)
+        if files is None:
+            files = [_open(path) for path in safetensors_files(folder)]
+        self._where = self._check(config, files)
 
-    def _check(self, config: Qwen2Config) -> dict[str, SafetensorsFile]:
+    def _check(self, config: Qwen2Config, files: list) -> dict[str, SafetensorsFile]:
+        """files: SafetensorsFile, or anything with its reading interface (GGUFTensors)."""
         where: dict[str, SafetensorsFile] = {}
-        for path in safetensors_files(self.folder):
-            handle = _open(path)
+        for handle in files:
+            path = handle.path
             for name in handle.tensors:
                 if name in where:
                     raise CheckpointError(f"tensor {name} is in both {where[name].path} and "
@@ -165,14 +171,12 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(memory, dtype).reshape(shape)
 
 
-def read_hf_params(folder: str, config: Qwen2Config, dtype: np.dtype,
-                   shardings: dict) -> tuple[dict, int]:
+def read_hf_params(ckpt: HFCheckpoint, dtype: np.dtype, shardings: dict) -> tuple[dict, int]:
     """The parameter pytree as jax arrays in `dtype`, placed by `shardings` (same tree).
 
     Each distinct shard this process's devices hold is read once, straight from the files,
     and put on those devices; nothing else of the tensor is read. Returns (params, bytes read).
     """
-    ckpt = HFCheckpoint(folder, config)
     params: dict = {}
     for path, group in stacked_groups(ckpt.rules).items():
         shape = stacked_shape(group)
@@ -205,3 +209,33 @@ def read_hf_config(folder: str) -> Qwen2Config:
     if not os.path.isdir(folder):
         raise ConfigError(f"{folder}: not a folder; expected a model folder with config.json")
     return Qwen2Config.from_file(folder)
+
+
+def is_gguf(path: str) -> bool:
+    return path.endswith(".gguf") and not os.path.isdir(path)
+
+
+def open_checkpoint(source: str) -> tuple[Qwen2Config, HFCheckpoint, dict[str, bytes]]:
+    """(config, checked tensors, the files a model folder carries besides weights: config.json,
+    tokenizer and generation files) of an HF folder or a GGUF file, read the same way."""
+    if is_gguf(source):
+        from qwen2_jax.checkpoint.gguf_io import GGUFCheckpoint, GGUFTensors
+
+        gguf = GGUFCheckpoint(source)
+        config = Qwen2Config.from_hf(gguf.config())
+        files = {"config.json": (json.dumps(gguf.config(), indent=2) + "\n").encode()}
+        if gguf.has_tokenizer():
+            files |= {name: text.encode() for name, text in gguf.tokenizer_files().items()}
+        else:
+            logger.warning("%s has no tokenizer (tokenizer.ggml.*): its weights alone are "
+                           "read; commands that take text need a tokenizer.json", source)
+        return config, HFCheckpoint(source, config, [GGUFTensors(gguf)]), files
+    config = read_hf_config(source)
+    ckpt = HFCheckpoint(source, config)
+    files = {}
+    for name in ("config.json", *MODEL_FILES):
+        path = os.path.join(source, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                files[name] = f.read()
+    return config, ckpt, files

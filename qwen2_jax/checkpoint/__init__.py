@@ -1,0 +1,1 @@
+"""Checkpoint formats: readers and writers owned by the core."""
