@@ -459,11 +459,11 @@ def test_missing_or_wrong_tensors_and_metadata(files, tmp_path):
         GGUFCheckpoint(path).tokenizer_files()
 
 
-@pytest.mark.parametrize("name", ["q8.gguf", "f16.gguf", "qwen25.gguf"])
+@pytest.mark.parametrize("name", ["q8.gguf", "f16.gguf"])
 def test_load_and_convert_a_gguf_file_give_transformers_logits(files, tmp_path, capsys, name):
     """qwen2_jax.load("x.gguf") and `qwen2-jax convert x.gguf OUT` then load(OUT): the logits
-    of transformers' model from the same file (q8: tied embeddings; f16: YaRN; qwen25: the
-    real vocabulary, whose tokenizer the folder gets; the others have no merges)."""
+    of transformers' model from the same file (q8: tied embeddings; f16: YaRN). These files
+    have no merges, so no tokenizer: the folder gets none, with a warning."""
     import qwen2_jax
     from qwen2_jax import cli
 
@@ -479,8 +479,7 @@ def test_load_and_convert_a_gguf_file_give_transformers_logits(files, tmp_path, 
     assert cli.main(["convert", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["dtype"] == "float32"
-    tokenizer = {"tokenizer.json", "tokenizer_config.json"}
-    assert set(summary["model_files"]) == (tokenizer if name == "qwen25.gguf" else set())
+    assert summary["model_files"] == []
     for source in (path, tmp_path / "out"):
         config_ours, params = qwen2_jax.load(source)
         logits = np.asarray(qwen2_jax.forward(config_ours, params, ids))
@@ -491,3 +490,19 @@ def test_load_and_convert_a_gguf_file_give_transformers_logits(files, tmp_path, 
     assert cli.main(["convert", str(broken), str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "truncated GGUF file" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_convert_writes_the_files_tokenizer_and_chat_template(files, tmp_path, capsys):
+    """A folder converted from a GGUF file has its tokenizer and chat template."""
+    from qwen2_jax import cli
+    from qwen2_jax.tokenizer import Tokenizer
+
+    path, _ = files["qwen25.gguf"]
+    assert cli.main(["convert", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    tokenizer = Tokenizer(str(tmp_path / "out"))
+    assert tokenizer.encode("Hello, world!") == [9707, 11, 1879, 0]  # DESIGN.md's known ids
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi"
+        "<|im_end|>\n<|im_start|>assistant\n")
