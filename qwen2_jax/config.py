@@ -43,23 +43,25 @@ REQUIRED_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_s
                        "shared_expert_intermediate_size")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A JSON integer (true/false are not); shared with generation_config.json's checks."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite JSON number (integers included, true/false not)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # What a scalar field must be, as the error states it, and the test.
 _EXPECTED = {
-    "a positive integer": lambda v: _is_int(v) and v > 0,
-    "a non-negative integer": lambda v: _is_int(v) and v >= 0,
-    "a positive number": lambda v: _is_number(v) and v > 0,
-    "a non-negative number": lambda v: _is_number(v) and v >= 0,
-    "a number in [0, 1]": lambda v: _is_number(v) and 0 <= v <= 1,
-    "a number >= 1": lambda v: _is_number(v) and v >= 1,
-    "a number": _is_number,
+    "a positive integer": lambda v: is_int(v) and v > 0,
+    "a non-negative integer": lambda v: is_int(v) and v >= 0,
+    "a positive number": lambda v: is_number(v) and v > 0,
+    "a non-negative number": lambda v: is_number(v) and v >= 0,
+    "a number in [0, 1]": lambda v: is_number(v) and 0 <= v <= 1,
+    "a number >= 1": lambda v: is_number(v) and v >= 1,
+    "a number": is_number,
     "true or false": lambda v: isinstance(v, bool),
 }
 # Checked before anything computes with them (head_dim and sliding_window may also be null).

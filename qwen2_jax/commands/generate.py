@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 
@@ -21,7 +20,7 @@ from qwen2_jax.commands.common import (
     run_guarded,
     stage,
 )
-from qwen2_jax.config import ConfigError
+from qwen2_jax.config import ConfigError, is_int, is_number
 
 NAME = "generate"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -76,21 +75,13 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 # name -> (test, what it must be), for the sampling flags and generation_config.json fields.
 SETTINGS = {
-    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "min_p": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a number > 0"),
 }
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 def generation_defaults(folder: str) -> dict:
@@ -114,7 +105,7 @@ def generation_defaults(folder: str) -> dict:
         if config.get(name) is not None and not ok(config[name]):
             raise ConfigError(f"{path}: {name} must be {expected}, got {config[name]!r}")
     eos = config.get("eos_token_id")
-    if not (eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))):
+    if not (eos is None or is_int(eos) or (isinstance(eos, list) and all(map(is_int, eos)))):
         raise ConfigError(f"{path}: eos_token_id must be an integer or a list of integers, got "
                           f"{eos!r}")
     sampling = bool(config.get("do_sample"))
@@ -125,7 +116,7 @@ def generation_defaults(folder: str) -> dict:
         "top_p": config.get("top_p") if sampling else None,
         "min_p": config.get("min_p") if sampling else None,
         "repetition_penalty": config.get("repetition_penalty"),
-        "stop_token_ids": [] if eos is None else ([eos] if _is_int(eos) else list(eos)),
+        "stop_token_ids": [] if eos is None else ([eos] if is_int(eos) else list(eos)),
     }
 
 
