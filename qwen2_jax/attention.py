@@ -5,42 +5,82 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from qwen2_jax import blockwise
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.layers import Dtype, Linear, precision
+from qwen2_jax.layers import Dtype, Linear
 from qwen2_jax.rope import apply_rope
-from qwen2_jax.sharding import constrain
+from qwen2_jax.sharding import constrain, current_mesh, sequence_axes
 
-# Finite, so a query with no visible key (a padding row) gets uniform weights, never NaN.
-MASK_VALUE = float(jnp.finfo(jnp.float32).min)
-
-
-# cuDNN's fused (flash) attention for bfloat16/float16 on GPU; False forces the einsum path.
-FUSED_ON_GPU = True
+# Accelerator kernels for whole sequences; False forces the blockwise path everywhere.
+KERNELS = True
 
 
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                          mask: jnp.ndarray, fused: bool = False) -> jnp.ndarray:
-    """Softmax attention with query heads grouped onto their kv head; softmax in float32.
+KV_AXES = ("batch", "kv_heads", "length", "head_dim")
 
-    q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool [B, T, S]. Query head n uses kv head
-    n // (N / K), as transformers' `repeat_kv`. Returns [B, T, N, H] in v's dtype.
-    fused: use cuDNN's fused kernel when on GPU in 16 bits (it never builds the [T, S]
-    scores in memory: 4.6x faster forward + backward on an H100 at T = 1024).
+
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_offset, segments, window,
+           whole_sequence: bool) -> jnp.ndarray:
+    """Causal attention of q [B, T, N, H] over k, v [B, K, S, H]; memory linear in length.
+
+    q_offset [B]: each row's first query's key index (0 for a whole sequence, the cache
+    length for a chunk or a decode step). segments: int [B, T] segment ids of a whole
+    sequence (padding given a segment of its own) or None. window: keys within `window` of
+    the query only (0: all); a Python int, or traced when layers differ. whole_sequence: T ==
+    S and offset 0 (training, forward), where the accelerator kernels apply: Pallas splash
+    attention on TPU, cuDNN's fused attention on GPU (16-bit, no segments). Elsewhere, and
+    for chunks and decoding, the blockwise kernel (`blockwise.attention`). With the queries'
+    length split over a `sequence` mesh axis, see `_sequence_parallel`.
     """
-    if (fused and FUSED_ON_GPU and jax.default_backend() == "gpu"
+    split = sequence_axes(q.shape[1]) if q.shape[1] > 1 else ()
+    if split:
+        return _sequence_parallel(q, k, v, q_offset, segments, window, split)
+    backend = jax.default_backend()
+    static_window = isinstance(window, int)
+    if KERNELS and whole_sequence and static_window and backend == "tpu":
+        from qwen2_jax import kernels  # Pallas's TPU modules: imported only where they run
+
+        return kernels.splash_attention(q, *_token_major(k, v), segments, window)
+    if (KERNELS and whole_sequence and static_window and backend == "gpu" and segments is None
             and q.dtype == k.dtype == v.dtype and v.dtype in (jnp.bfloat16, jnp.float16)):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
-                                            implementation="cudnn")
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,
-                        precision=precision(q.dtype)) * h**-0.5  # [B, K, G, T, S]
-    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=precision(v.dtype))  # [B, T, K, G, H]
-    return out.reshape(b, t, n, h)
+        from qwen2_jax import kernels
+
+        return kernels.cudnn_attention(q, *_token_major(k, v), window)
+    return blockwise.attention(q, k, v, q_offset, segments, segments, window)
+
+
+def _token_major(k, v):
+    """[B, K, S, H] -> [B, S, K, H], the kernels' layout (for the model's fresh keys and
+    values XLA cancels this against the transpose that made them kv-major)."""
+    return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+
+def _sequence_parallel(q, k, v, q_offset, segments, window, axes: tuple[str, ...]):
+    """`attend` with the queries split over the mesh axes `axes` along T, each device
+    attending its own slice to all keys and values (gathered over `axes`).
+
+    Why gather rather than pass K/V around a ring: with grouped-query attention the keys and
+    values are N / K times smaller than the queries (7x for Qwen2-0.5B, 8x for 72B), so one
+    all-gather per layer costs little and keeps each device's work a plain blockwise call.
+    The blockwise kernel then skips the blocks each slice cannot see, so the causal work is
+    uneven across the slices (the last does the most), a ring's main advantage we forgo.
+    """
+    mesh = current_mesh()
+    seq = P(None, axes)
+
+    def local(q, k, v, q_offset, q_segments, kv_segments):
+        index = jax.lax.axis_index(axes)
+        offset = q_offset + index * q.shape[1]  # this slice's first query, as a key index
+        return blockwise.attention(q, k, v, offset, q_segments, kv_segments, window)
+
+    has_segments = segments is not None
+    zeros = jnp.zeros(q.shape[:2], jnp.int32)
+    q_segments = segments if has_segments else zeros
+    kv_segments = segments if has_segments else jnp.zeros((k.shape[0], k.shape[2]), jnp.int32)
+    return jax.shard_map(local, mesh=mesh, in_specs=(seq, P(), P(), P(), seq, P()),
+                         out_specs=seq, axis_names=set(axes), check_vma=False)(
+        q, k, v, q_offset, q_segments, kv_segments)
 
 
 class Attention(nn.Module):
@@ -49,14 +89,15 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, segments, window,
                  cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
-                 cache_index: jnp.ndarray | None = None):
-        """x: [B, T, D]; cos, sin: [B, T, H]; mask: bool [B, T, S]. Returns [B, T, D].
+                 cache_index: jnp.ndarray | None = None, layer: jnp.ndarray | None = None):
+        """x: [B, T, D]; cos, sin: [B, T, H]; segments, window: as `attend`. Returns [B, T, D].
 
-        With a cache (keys, values [B, S, K, H]): the new keys and values go into slots
-        cache_index[b] .. cache_index[b] + T - 1 of row b, the queries attend over all S
-        slots (mask says which), and the result is ([B, T, D], the updated cache).
+        With a cache (keys, values [B, K, S, H], or [L, B, K, S, H] with this layer at index
+        `layer`): the new keys and values go into slots cache_index[b] .. cache_index[b] +
+        T - 1 of row b, in place, the queries attend over the slots up to their own, and the
+        result is ([B, T, D], the updated cache).
         """
         c = self.config
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
@@ -70,23 +111,43 @@ class Attention(nn.Module):
         value = linear((k, h), ("embed", "kv_heads", "head_dim"), "v_proj")(x)  # [B, T, K, H]
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
-        key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
-        value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+        # kv-head major, the cache's layout (see `blockwise.attention`)
+        key = constrain(jnp.swapaxes(key, 1, 2), KV_AXES)  # [B, K, T, H]
+        value = constrain(jnp.swapaxes(value, 1, 2), KV_AXES)  # [B, K, T, H]
         if cache is not None:
-            cache = tuple(constrain(write_slots(c_, new.astype(c_.dtype), cache_index),
-                                    ("batch", "length", "kv_heads", "head_dim"))
+            cache = tuple(write_slots(c_, new.astype(c_.dtype), cache_index, layer)
                           for c_, new in zip(cache, (key, value), strict=True))
-            key, value = cache[0].astype(self.dtype), cache[1].astype(self.dtype)  # [B, S, K, H]
-        # the fused kernel for whole sequences (training, forward); decoding keeps the einsum
-        out = dot_product_attention(q, key, value, mask, fused=cache is None)  # [B, T, N, H]
+            key, value = (this_layer(c_, layer).astype(self.dtype) for c_ in cache)  # [B, K, S, H]
+        q_offset = jnp.zeros(x.shape[0], jnp.int32) if cache is None else cache_index
+        out = attend(q, key, value, q_offset, segments, window,
+                     whole_sequence=cache is None)  # [B, T, N, H]
         out = linear((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
                      use_bias=False)(out)  # [B, T, D]
         return out if cache is None else (out, cache)
 
 
-def write_slots(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
-    """cache [B, S, ...] with new [B, T, ...] written at slots start[b] .. start[b] + T - 1."""
-    def row(c, n, i):
-        return jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0)
+CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
-    return jax.vmap(row)(cache, new, start)
+
+def write_slots(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray,
+                layer: jnp.ndarray | None = None) -> jnp.ndarray:
+    """cache [B, K, S, H] (or [L, B, K, S, H], written at `layer`) with new [B, K, T, H] at
+    slots start[b] .. start[b] + T - 1 of each row."""
+    if layer is None:
+        def row(c, n, i):
+            return jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
+
+        return constrain(jax.vmap(row)(cache, new, start), CACHE_AXES)
+
+    # Row by row: a vmap over B, the second axis, would make XLA transpose the whole cache.
+    def row(b, c):
+        return jax.lax.dynamic_update_slice(c, new[b][None, None], (layer, b, 0, start[b], 0))
+
+    return constrain(jax.lax.fori_loop(0, new.shape[0], row, cache), ("layers", *CACHE_AXES))
+
+
+def this_layer(cache: jnp.ndarray, layer: jnp.ndarray | None) -> jnp.ndarray:
+    """The [B, K, S, H] cache of `layer` (the cache itself when it is one layer's)."""
+    if layer is None:
+        return cache
+    return constrain(jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False), CACHE_AXES)

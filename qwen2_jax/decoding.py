@@ -1,10 +1,13 @@
-"""Generation: a preallocated KV cache, bucketed prefill, and the decode loop on device.
+"""Generation: a preallocated KV cache, chunked prefill, and the decode loop on device.
 
-The cache holds each row's tokens at the slot of their position ({"k", "v"}: [L, B, S, K, H]),
+The cache holds each row's tokens at the slot of their position ({"k", "v"}: [L, B, K, S, H]),
 with per-row lengths [B]. A ragged batch is right-padded only for prefill; row b's next token
-goes to slot lengths[b], so no row ever recomputes or attends to padding. Prefill lengths and
-cache sizes are rounded up to buckets, so a handful of shapes compile. The decode loop is one
-`lax.while_loop` (cache donated), stopping each row at a stop token or max_new_tokens.
+goes to slot lengths[b], so no row ever recomputes or attends to padding. Prompts go into the
+cache in chunks of at most `prefill_chunk` tokens, each attending to the cache so far, so
+activation memory does not grow with the prompt; only each row's last position gets logits.
+Chunk widths and cache sizes are rounded up to buckets, so a handful of shapes compile. The
+decode loop is one `lax.while_loop` (cache donated), stopping each row at a stop token or
+max_new_tokens.
 
 `init_cache`, `prefill` and `decode_step` are usable one step at a time (a continuous-batching
 server builds on them); `generate` is the whole job.
@@ -23,6 +26,7 @@ from jax.experimental import io_callback
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import check_token_ids
 from qwen2_jax.model import Qwen2ForCausalLM
+from qwen2_jax.rope import dynamic_yarn_scale
 from qwen2_jax.sampling import Sampling, choose
 from qwen2_jax.sharding import (
     mesh_context,
@@ -36,8 +40,10 @@ from qwen2_jax.sharding import (
 
 logger = logging.getLogger("qwen2_jax")
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 MIN_BUCKET = 16
+PREFILL_CHUNK = 2048
+YARN_MODES = ("dynamic", "static")
 
 
 def bucket(n: int) -> int:
@@ -47,9 +53,9 @@ def bucket(n: int) -> int:
 
 def init_cache(config: Qwen2Config, batch: int, slots: int, dtype, mesh=None,
                rules=None) -> dict:
-    """An empty cache {"k", "v"}: [L, B, S, K, H] in `dtype`, sharded over batch and kv heads
-    on `mesh` (rules as everywhere)."""
-    shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads,
+    """An empty cache {"k", "v"}: [L, B, K, S, H] in `dtype`, sharded over batch and kv heads
+    on `mesh` (rules as everywhere). kv-head major: see `blockwise.attention`."""
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, slots,
              config.head_size)
     sharding = None if mesh is None else named_sharding(CACHE_AXES, shape, mesh,
                                                         resolve_rules(rules, mesh))
@@ -69,39 +75,65 @@ def unstack_layers(params: dict, layers: int) -> dict:
 
 
 def _model(config, dtype, mesh, rules, params, cache, ids, cache_index, logits_at,
-           scan_layers=True):
+           rope_scale, scan_layers=True):
     with use_mesh(mesh, rules):
         return Qwen2ForCausalLM(config, dtype=dtype, scan_layers=scan_layers).apply(
             {"params": params}, ids, None, None, None, cache=cache, cache_index=cache_index,
-            logits_at=logits_at)
+            logits_at=logits_at, rope_scale=rope_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
                    donate_argnames=("cache",))
-def prefill(config, dtype, mesh, rules, params, cache, ids, lengths):
-    """Runs right-padded prompts ids [B, T] (lengths [B]) into an empty cache.
+def _prefill_chunk(config, dtype, mesh, rules, params, cache, ids, start, lengths, logits,
+                   rope_scale):
+    """Writes chunk ids [B, C] into slots start .. start + C - 1 of every row (attending to
+    the slots before), and takes over `logits` [B, V] for each row whose last prompt token
+    (lengths[b] - 1) is in this chunk."""
+    width = ids.shape[1]
+    last = lengths - 1 - start  # [B]: the row's last token, as an index into this chunk
+    here = (last >= 0) & (last < width)
+    new_logits, cache = _model(config, dtype, mesh, rules, params, cache, ids,
+                               jnp.full_like(lengths, start), jnp.clip(last, 0, width - 1),
+                               rope_scale)
+    return jnp.where(here[:, None], new_logits, logits), cache
+
+
+def prefill(config, dtype, mesh, rules, params, cache, ids, lengths, chunk: int = PREFILL_CHUNK,
+            rope_scale=None):
+    """Runs right-padded prompts ids [B, T] (lengths [B]) into an empty cache, `chunk`
+    tokens at a time (T must be a multiple of the chunk width, min(chunk, T)).
 
     Returns (float32 logits [B, V] at each row's last prompt token, cache); the rows'
-    cache lengths are now `lengths`.
+    cache lengths are now `lengths`. rope_scale [B]: per-row YaRN factors (`generate`'s
+    dynamic YaRN) or None. One compiled program per chunk width serves every chunk.
     """
-    start = jnp.zeros_like(lengths)
-    return _model(config, dtype, mesh, rules, params, cache, ids, start, lengths - 1)
+    width = min(chunk, ids.shape[1])
+    if ids.shape[1] % width:
+        raise ValueError(f"prefill: {ids.shape[1]} tokens is not a multiple of the chunk "
+                         f"width {width}")
+    lengths = jnp.asarray(lengths)
+    logits = jnp.zeros((ids.shape[0], config.vocab_size), jnp.float32)
+    for start in range(0, ids.shape[1], width):
+        logits, cache = _prefill_chunk(config, dtype, mesh, rules, params, cache,
+                                       ids[:, start:start + width], jnp.int32(start), lengths,
+                                       logits, rope_scale)
+    return logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
                    donate_argnames=("cache",))
-def decode_step(config, dtype, mesh, rules, params, cache, lengths, tokens):
+def decode_step(config, dtype, mesh, rules, params, cache, lengths, tokens, rope_scale=None):
     """Appends one token per row (tokens [B]) at slot lengths[b]; returns (float32 logits
     [B, V] for the next token, cache). The caller adds 1 to lengths."""
     return _model(config, dtype, mesh, rules, params, cache, tokens[:, None], lengths,
-                  jnp.zeros_like(lengths))
+                  jnp.zeros_like(lengths), rope_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "sampling",
                                              "max_new_tokens", "stream"),
                    donate_argnames=("cache",))
 def _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens, stream, params, cache,
-                 lengths, logits, seen, stop_ids, key):
+                 lengths, logits, seen, stop_ids, key, rope_scale):
     """Samples up to max_new_tokens per row on device. Returns (tokens [B, N] int32, the
     number each row produced before its stop token or the limit [B], cache, lengths)."""
     batch = logits.shape[0]
@@ -123,7 +155,7 @@ def _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens, stream, p
         done = done | stopped | (step + 1 >= max_new_tokens)
         seen = seen.at[rows, token].set(True)
         logits, cache = _model(config, dtype, mesh, rules, layer_params, cache, token[:, None],
-                               lengths, jnp.zeros_like(lengths), scan_layers=False)
+                               lengths, jnp.zeros_like(lengths), rope_scale, scan_layers=False)
         return step + 1, cache, lengths + 1, logits, seen, out, done, count, key
 
     def running(state):
@@ -180,7 +212,8 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, repetition_penalty: float | None = None,
              stop_token_ids=None, seed: int = 0, *, vocab_size: int | None = None, dtype=None,
-             mesh=None, rules=None, on_tokens=None, allow_long: bool = False) -> list[list[int]]:
+             mesh=None, rules=None, on_tokens=None, allow_long: bool = False,
+             prefill_chunk: int = PREFILL_CHUNK, yarn: str = "dynamic") -> list[list[int]]:
     """Generated token ids per prompt (prompt and stop token excluded), as DESIGN.md.
 
     prompts: token-id lists, ragged. temperature 0: greedy; else sampling with top_k, top_p,
@@ -189,7 +222,12 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
     past it are never produced (default config.vocab_size; pass the tokenizer's). dtype:
     compute dtype (default the params'). on_tokens(tokens [B], live [B]): called on the host
     with each step's tokens as they are produced (streaming). allow_long: go past the model's
-    position limit with a warning instead of an error (see `check_length`).
+    position limit with a warning instead of an error (see `check_length`). prefill_chunk:
+    prompt tokens per prefill step (memory for activations grows with it, not with the
+    prompt). yarn: for a config with YaRN rope_scaling, "dynamic" gives each prompt the
+    factor its own length needs (`rope.dynamic_yarn_scale`: plain RoPE when prompt plus
+    max_new_tokens fit the original context), "static" the config's factor for every
+    prompt, as transformers and vLLM do.
     """
     global _stream_sink
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -201,8 +239,17 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     check_length(config, lengths, max_new_tokens, allow_long)
-    width = bucket(int(lengths.max()))
-    slots = bucket(int(lengths.max()) + max_new_tokens)
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
+    if yarn not in YARN_MODES:
+        raise ValueError(f"yarn must be one of {YARN_MODES}, got {yarn!r}")
+    rope_scale = None
+    if yarn == "dynamic" and config.rope_type == "yarn":
+        rope_scale = jnp.asarray(dynamic_yarn_scale(config, lengths + max_new_tokens))
+    longest = int(lengths.max())
+    chunk = min(prefill_chunk, bucket(longest))  # short prompts: a power-of-two bucket
+    width = -(-longest // chunk) * chunk
+    slots = bucket(max(longest + max_new_tokens, width))
     ids = np.zeros((batch, width), np.int64)  # int64 first, so no id wraps before the check
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = prompt
@@ -222,13 +269,14 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
     with mesh_context(mesh):
         cache = init_cache(config, batch, slots, dtype, mesh, rules)
         logits, cache = prefill(config, dtype, mesh, rules, params, cache, ids,
-                                jnp.asarray(lengths))
+                                jnp.asarray(lengths), chunk, rope_scale)
         _stream_sink = on_tokens
         try:
             out, count, _, _ = _decode_loop(config, dtype, mesh, rules, sampling, max_new_tokens,
                                             on_tokens is not None, params, cache,
                                             jnp.asarray(lengths), logits, jnp.asarray(seen),
-                                            jnp.asarray(stops), jax.random.key(seed))
+                                            jnp.asarray(stops), jax.random.key(seed),
+                                            rope_scale)
             out, count = to_host(out), to_host(count)
         finally:
             _stream_sink = None

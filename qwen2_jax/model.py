@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from qwen2_jax.attention import Attention
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import MLP, Dtype, Embedding, RMSNorm
-from qwen2_jax.masks import cache_masks, causal_mask, sliding_window_mask
 from qwen2_jax.moe import SparseMoE
 from qwen2_jax.rope import rope_cos_sin
 from qwen2_jax.sharding import constrain
@@ -49,17 +48,25 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
     sparse: bool = False
     moe_dispatch: str = "sorted"
+    window: int = 0  # the attention window (0: none), when every layer has the same
 
     @nn.compact
-    def __call__(self, x, scanned, cos, sin, full_mask, window_mask, cache_index):
-        """x: [B, T, D]; scanned: (this layer's sliding-window flag, its (keys, values) cache
-        [B, S, K, H] or None); masks: [B, T, S]. Returns (y, the updated cache or None)."""
+    def __call__(self, carry, scanned, cos, sin, segments, cache_index):
+        """carry: (x [B, T, D], the (keys, values) cache or None); scanned: (this layer's
+        attention window when layers differ, else None; its index into a cache of every
+        layer [L, B, K, S, H], or None for this layer's own [B, K, S, H]); segments: see
+        `attention.attend`. Returns ((y, the updated cache), None): a scan body.
+
+        The cache rides in the carry, not the scanned inputs, so each layer writes its new
+        keys and values in place: scanning over it would copy the whole cache.
+        """
         c = self.config
-        sliding, cache = scanned
-        mask = jnp.where(sliding, window_mask, full_mask)
+        x, cache = carry
+        window, layer = scanned
+        window = self.window if window is None else window
         attn_in = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
         attn = Attention(c, self.dtype, self.param_dtype, name="self_attn")(
-            attn_in, cos, sin, mask, cache, cache_index)
+            attn_in, cos, sin, segments, window, cache, cache_index, layer)
         if cache is not None:
             attn, cache = attn
         h = x + attn
@@ -70,16 +77,19 @@ class DecoderLayer(nn.Module):
             mlp = MLP(c.intermediate_size, c.initializer_range, self.dtype, self.param_dtype,
                       name="mlp")
         y = h + mlp(mlp_in)
-        return constrain(y, ("batch", "length", "embed")), cache
+        return (constrain(y, ("batch", "length", "embed")), cache), None
 
 
 class Qwen2ForCausalLM(nn.Module):
     """`apply({'params': p}, input_ids, positions, token_mask, segment_ids)` -> logits.
 
-    All inputs int [B, T]. Returns float32 logits [B, T, V]. `dtype` is the compute dtype,
-    `param_dtype` the storage dtype of freshly initialized parameters.
+    All inputs int [B, T]; token_mask and segment_ids may both be None (one unpadded
+    sequence per row; positions may then be None too). Returns float32 logits [B, T, V].
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of freshly initialized
+    parameters. `rope_scale` [B]: each row's YaRN factor (dynamic YaRN, `rope.py`); None:
+    the config's.
 
-    With `cache` ({"k", "v"}: [L, B, S, K, H], see `cache.py`) and `cache_index` [B], row b's
+    With `cache` ({"k", "v"}: [L, B, K, S, H], see `decoding.init_cache`) and `cache_index` [B], row b's
     tokens are its next ones: at positions cache_index[b] + t, written into those cache slots,
     attending to every slot before (`positions`, `token_mask` and `segment_ids` are then
     ignored); returns (logits, updated cache). `logits_at` [B]: logits only at that index of
@@ -98,7 +108,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, positions, token_mask, segment_ids, cache=None,
-                 cache_index=None, logits_at=None):
+                 cache_index=None, logits_at=None, rope_scale=None):
         c = self.config
 
         def table(name: str) -> Embedding:
@@ -109,43 +119,49 @@ class Qwen2ForCausalLM(nn.Module):
         x = embed_tokens(input_ids)  # [B, T, D]
         x = constrain(x, ("batch", "length", "embed"))
 
-        windows = c.layer_windows
-        window = max(windows)
         per_layer_cache = cache is not None and isinstance(cache["k"], tuple | list)
-        if cache is None:
-            full_mask = causal_mask(token_mask, segment_ids)  # [B, T, S]
-            window_mask = sliding_window_mask(full_mask, window) if window else full_mask
-        else:
+        segments = None
+        if cache is not None:
             positions = cache_index[:, None] + jnp.arange(input_ids.shape[1])  # [B, T]
-            slots = cache["k"][0].shape[1] if per_layer_cache else cache["k"].shape[2]
-            full_mask, window_mask = cache_masks(positions, slots, window)
-        cos, sin = rope_cos_sin(c, positions, self.dtype)  # [B, T, H]
+        elif token_mask is not None:
+            # Padding gets a segment of its own: no real token sees it, and it sees only
+            # padding (never an empty row, which the TPU kernel refuses).
+            segments = jnp.where(token_mask != 0, segment_ids, jnp.iinfo(jnp.int32).min)
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        cos, sin = rope_cos_sin(c, positions, self.dtype, rope_scale)  # [B, T, H]
 
         layer = DecoderLayer
         if REMAT_POLICIES[self.remat] is not None:
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        sliding = jnp.asarray([w > 0 for w in windows])  # [L]
-        layer_cache = None if cache is None else (cache["k"], cache["v"])  # [L, B, S, K, H]
+        windows = c.layer_windows
+        # One window for all layers stays a static int (the accelerator kernels need that);
+        # differing ones are scanned over with the layers.
+        uniform = len(set(windows)) == 1
+        static_window = windows[0] if uniform else 0
+        layer_cache = None if cache is None else (cache["k"], cache["v"])  # [L, B, K, S, H]
         sparse = c.sparse_layers
         if self.scan_layers and c.uniform_layers:
             layers = nn.scan(
                 layer,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                         nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.dtype, self.param_dtype, sparse[0], self.moe_dispatch, name="layers")
-            x, layer_cache = layers(x, (sliding, layer_cache), cos, sin, full_mask,
-                                    window_mask, cache_index)
-        else:  # a Python loop; layer i's cache is layer_cache[.][i]: [B, S, K, H]
+            )(c, self.dtype, self.param_dtype, sparse[0], self.moe_dispatch, static_window,
+              name="layers")
+            layer_window = None if uniform else jnp.asarray(windows)  # [L]
+            layer_index = None if cache is None else jnp.arange(c.num_hidden_layers)  # [L]
+            (x, layer_cache), _ = layers((x, layer_cache), (layer_window, layer_index), cos,
+                                         sin, segments, cache_index)
+        else:  # a Python loop; layer i's cache is layer_cache[.][i]: [B, K, S, H]
             updated = []
             for i in range(c.num_hidden_layers):
                 this_cache = None if cache is None else (layer_cache[0][i], layer_cache[1][i])
-                x, this_cache = layer(c, self.dtype, self.param_dtype, sparse[i],
-                                      self.moe_dispatch, name=f"layers_{i}")(
-                    x, (sliding[i], this_cache), cos, sin, full_mask, window_mask, cache_index)
+                (x, this_cache), _ = layer(c, self.dtype, self.param_dtype, sparse[i],
+                                           self.moe_dispatch, windows[i], name=f"layers_{i}")(
+                    (x, this_cache), (None, None), cos, sin, segments, cache_index)
                 updated.append(this_cache)
             if cache is not None:
                 layer_cache = tuple(zip(*updated, strict=True))

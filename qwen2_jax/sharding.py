@@ -36,9 +36,11 @@ logger = logging.getLogger("qwen2_jax")
 # Outermost to innermost: the innermost axis gets the closest devices (on TPU, the same ICI
 # ring), so tensor parallelism, which communicates every layer, goes last; data parallelism,
 # which communicates least, goes first and spans hosts.
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# `sequence` splits long sequences (the `length` of activations) for prefill and training;
+# attention then gathers keys and values over it (see `attention.attend`).
+MESH_AXES = ("data", "fsdp", "sequence", "expert", "tensor")
 LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
-                "expert", "layers")
+                "expert", "layers", "cache_length")
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -53,7 +55,8 @@ DEFAULT_RULES: Rules = (
     ("mlp", ("tensor",)),
     ("embed", ("fsdp",)),
     ("expert", ("expert",)),
-    ("length", ()),
+    ("length", ("sequence",)),
+    ("cache_length", ()),  # KV cache slots: whole on every device that holds the row
     ("head_dim", ()),
     ("layers", ()),
 )
@@ -285,6 +288,23 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = context
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
+
+
+def sequence_axes(length: int) -> tuple[str, ...]:
+    """The mesh axes that split a `length` dimension of this size under `use_mesh` (() when
+    none: no mesh, no sequence axis, or a length they do not divide)."""
+    context = _CONTEXT.get()
+    if context is None:
+        return ()
+    mesh, rules = context
+    spec = logical_spec(("length",), (length,), mesh, rules)[0]
+    return () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh `use_mesh` set (made all-Auto), or None."""
+    context = _CONTEXT.get()
+    return None if context is None else auto_axes(context[0])
 
 
 def shard_input(x: np.ndarray, mesh: Mesh, axes: Sequence[str | None],

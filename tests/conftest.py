@@ -91,9 +91,10 @@ def make_hf_moe_model(folder, seed: int = 0, dtype=torch.float32, **overrides):
     return model
 
 
-def make_word_chat_model(folder, words: list[str]) -> None:
+def make_word_chat_model(folder, words: list[str], **overrides) -> None:
     """A small random Qwen2 over a word-level vocabulary (the 3 Qwen2 special tokens, then
-    `words`), with a ChatML-like template: fast enough to learn a task in a test."""
+    `words`), with a ChatML-like template: fast enough to learn a task in a test. overrides:
+    config fields."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -111,9 +112,9 @@ def make_word_chat_model(folder, words: list[str]) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": template, "eos_token": "<|im_end|>"}))
     torch.manual_seed(0)
-    Qwen2ForCausalLM(HFQwen2Config(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2)).save_pretrained(folder)
+    config = dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(HFQwen2Config(**{**config, **overrides})).save_pretrained(folder)
 
 
 def assert_grads_equal_torch(config, grads, model, atol: float) -> None:

@@ -39,7 +39,8 @@ def test_demo_on_a_mesh_logs_what_it_replicates():
     out = run("demo", "--tiny", "--mesh", "fsdp=-1,tensor=4")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["ok"] and report["mesh"] == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 4}
+    assert report["ok"] and report["mesh"] == {"data": 1, "fsdp": 2, "sequence": 1,
+                                                "expert": 1, "tensor": 4}
     assert "heads of size 14 does not divide over tensor (4 devices); replicating it" in out.stderr
 
 

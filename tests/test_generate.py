@@ -60,7 +60,7 @@ def prompts(rng):
 def test_greedy_equals_transformers(tmp_path, prompts, overrides):
     model = make_hf_model(tmp_path, **overrides)
     config, params = qwen2_jax.load(tmp_path)
-    ours = generate(config, params, prompts, max_new_tokens=20)
+    ours = generate(config, params, prompts, max_new_tokens=20, yarn="static")  # transformers'
     assert ours == hf_generate(model, prompts, 20, do_sample=False, eos_token_id=None)
 
 
@@ -116,7 +116,7 @@ def test_generate_on_a_mesh_equals_one_device(tmp_path, spec):
     assert generate(config, sharded, prompts, max_new_tokens=10) == expected
     cache = init_cache(config, 8, 32, jnp.float32, mesh)
     assert cache["k"].sharding.spec[1:4] == (("data", "fsdp") if "data" in spec else "fsdp",
-                                             None, "tensor")
+                                             "tensor", None)
 
 
 # ----- sampling ---------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dense_attention import causal_mask, sliding_window_mask
 
 import qwen2_jax
 from qwen2_jax import PRESETS, Qwen2Config
 from qwen2_jax.api import _forward
 from qwen2_jax.checkpoint.mapping import stacked_groups, stacked_shape, tensor_rules
-from qwen2_jax.masks import causal_mask, positions_from_mask, sliding_window_mask
+from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import REMAT_POLICIES
 from qwen2_jax.sharding import DEFAULT_RULES
 

@@ -90,5 +90,6 @@ def test_cli_demo_as_two_processes():
                                           "--num-processes", 2, "--process-id", i])
     for stdout, stderr in outs:
         report = json.loads(stdout.strip().splitlines()[-1])
-        assert report["ok"] and report["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+        assert report["ok"] and report["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1,
+                                                    "expert": 1, "tensor": 2}
         assert "of 2: 4 local devices, 8 in all" in stderr

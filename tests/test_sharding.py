@@ -31,8 +31,9 @@ DIVISIBLE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_atten
 
 
 def test_parse_mesh_fills_and_orders():
-    assert parse_mesh("data=2,fsdp=-1,tensor=2", 8) == dict(data=2, fsdp=2, expert=1, tensor=2)
-    assert parse_mesh("tensor=8", 8) == dict(data=1, fsdp=1, expert=1, tensor=8)
+    assert parse_mesh("data=2,fsdp=-1,tensor=2", 8) == dict(data=2, fsdp=2, sequence=1, expert=1,
+                                                           tensor=2)
+    assert parse_mesh("tensor=8", 8) == dict(data=1, fsdp=1, sequence=1, expert=1, tensor=8)
     assert parse_mesh(" fsdp = -1 ", 8)["fsdp"] == 8
     assert make_mesh("data=2,fsdp=2,tensor=2").axis_names == MESH_AXES
 

@@ -113,7 +113,7 @@ def test_a_mesh_axis_of_our_own_is_an_error_that_says_how_to_map_it(checkpoint):
     with pytest.raises(ShardingError) as error:
         qwen2_jax.load(checkpoint, mesh=mesh)
     message = str(error.value)
-    for fragment in ("mesh axis 'model' (size 4)", "none of ours (data, fsdp, expert, tensor)",
+    for fragment in ("mesh axis 'model' (size 4)", "none of ours (data, fsdp, sequence, expert, tensor)",
                      "no rule names it", "rename the mesh axis", "rules=",
                      f'rules="{TENSOR_ON_MODEL}"', "--rules"):
         assert fragment in message, fragment
@@ -134,7 +134,7 @@ def test_rules_may_name_the_axes_of_the_users_mesh(checkpoint, one_device):
     assert got == tokens
     # A rule naming an axis that is neither ours nor the mesh's is still a typo.
     with pytest.raises(ShardingError, match=r"unknown mesh axes \['modle'\]; known: data, fsdp, "
-                                            r"expert, tensor, model"):
+                                            r"sequence, expert, tensor, model"):
         resolve_rules("heads=modle", mesh)
 
 

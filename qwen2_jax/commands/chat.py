@@ -32,6 +32,7 @@ from qwen2_jax.commands.common import (
 )
 from qwen2_jax.commands.generate import (
     SETTINGS,
+    add_long_context_args,
     add_sampling_args,
     check_sampling_flags,
     generation_defaults,
@@ -66,6 +67,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help="tokens per answer at most (default: generation_config or 128)")
     add_sampling_args(parser)
+    add_long_context_args(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed of the first answer; answer i uses seed + i "
                         "(default 0)")
@@ -134,6 +136,7 @@ def _chat(args: argparse.Namespace) -> int:
             settings[name] = getattr(args, name)
     stops = set(settings.pop("stop_token_ids"))
     stops.update(i for i in (tokenizer.special_id("eos_token"),) if i is not None)
+    settings.update(yarn=args.yarn, prefill_chunk=args.prefill_chunk)
     chat = Chat(tokenizer, args.system, position_limit(config), settings["max_new_tokens"])
     try:
         chat.prompt("")

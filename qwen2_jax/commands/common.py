@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 MESH_HELP = """\
 Parallelism (the same flags on every command that loads a model):
-  --mesh data=2,fsdp=2,tensor=2   mesh axes data, fsdp, expert, tensor; -1 fills the rest
+  --mesh data=2,fsdp=2,tensor=2   axes data, fsdp, sequence, expert, tensor; -1 fills the rest
   --rules heads=,mlp=fsdp+tensor  override the logical-axis rules (empty value = replicate)
   Several processes (a TPU pod slice: --distributed on every host; one machine:
   --coordinator 127.0.0.1:PORT --num-processes N --process-id I) form one job whose mesh
@@ -48,12 +48,12 @@ def add_mesh_args(parser: argparse.ArgumentParser, processes: bool = True,
     group = parser.add_argument_group("parallelism")
     group.add_argument("--mesh", metavar="SPEC", default=None,
                        help=f"{mesh_help}, e.g. 'fsdp=-1' or 'data=2,fsdp=2,tensor=2' (axes: "
-                       "data, fsdp, expert, tensor; -1 fills the rest). Default: no mesh, one "
-                       "device")
+                       "data, fsdp, sequence, expert, tensor; -1 fills the rest). Default: no "
+                       "mesh, one device")
     group.add_argument("--rules", metavar="RULES", default=None,
                        help="overrides of the logical-axis rules, e.g. 'heads=,embed=fsdp' "
                        "(an empty value replicates). Defaults: batch=data+fsdp, vocab, heads, "
-                       "kv_heads, mlp=tensor, embed=fsdp, expert=expert")
+                       "kv_heads, mlp=tensor, embed=fsdp, expert=expert, length=sequence")
     if not processes:
         return
     group.add_argument("--distributed", action="store_true",

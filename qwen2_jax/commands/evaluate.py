@@ -36,9 +36,11 @@ from qwen2_jax.commands.common import (
     run_guarded,
     stage,
 )
+from qwen2_jax.commands.generate import add_long_context_args
 from qwen2_jax.decoding import position_limit
 from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import Qwen2ForCausalLM
+from qwen2_jax.rope import dynamic_yarn_scale
 from qwen2_jax.sharding import mesh_context, resolve_rules, shard_input, to_host, use_mesh
 from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.data import DataError, read_jsonl
@@ -74,6 +76,7 @@ def add_parser(sub) -> None:
                         "with less context, twice as fast)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="B",
                         help="windows per forward pass (default 1)")
+    add_long_context_args(parser, prefill=False)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_mesh_args(parser)
 
@@ -118,16 +121,17 @@ def windows(length: int, max_len: int, stride: int) -> list[tuple[int, int, int]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"))
-def score_windows(config, dtype, mesh, rules, params, ids, mask, scored):
+def score_windows(config, dtype, mesh, rules, params, ids, mask, scored, rope_scale=None):
     """Summed NLL [B] (float32) of the scored next-token predictions of each window.
 
     ids, mask [B, T] int32 (windows right-padded to T); scored [B, T] bool: position t's
-    prediction of token t + 1 counts.
+    prediction of token t + 1 counts. rope_scale [B]: dynamic YaRN factors, or None.
     """
     segments = jnp.zeros_like(ids)
     with use_mesh(mesh, rules):
         logits = Qwen2ForCausalLM(config, dtype=dtype).apply(
-            {"params": params}, ids, positions_from_mask(mask, segments), mask, segments)
+            {"params": params}, ids, positions_from_mask(mask, segments), mask, segments,
+            rope_scale=rope_scale)
     targets = jnp.roll(ids, -1, axis=1)  # [B, T]: token t + 1
     # logsumexp and the target's logit reduce over V: no [B, T, V] log-probs are made.
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -200,16 +204,23 @@ def _eval(args: argparse.Namespace) -> int:
             return batch
         return [shard_input(x, mesh, ("batch", "length"), rules) for x in batch]
 
+    # Dynamic YaRN: every window is a request of max_len tokens (the last may be shorter; it
+    # keeps the same factor, as its tokens were scored with that much context in mind).
+    rope_scale = None
+    if args.yarn == "dynamic" and config.rope_type == "yarn":
+        rope_scale = jnp.asarray(np.repeat(dynamic_yarn_scale(config, [max_len]),
+                                           args.batch_size))
     batches = map(placed, window_batches(tokens, spans, max_len, args.batch_size))
     first = next(batches)
     sums = []
     with mesh_context(mesh), stage(f"scoring {args.batch_size} window(s) of {max_len} tokens"):
         # Compiled before the clock starts, so tokens_per_s is the steady speed.
-        score = score_windows.lower(config, dtype, mesh, rules, params, *first).compile()
+        score = score_windows.lower(config, dtype, mesh, rules, params, *first,
+                                    rope_scale).compile()
         start = time.perf_counter()
         with tqdm(total=len(spans), desc="eval", unit="window", disable=args.no_progress) as bar:
             for batch in itertools.chain([first], batches):
-                sums.extend(to_host(score(params, *batch)).tolist())
+                sums.extend(to_host(score(params, *batch, rope_scale)).tolist())
                 bar.update(min(args.batch_size, len(spans) - bar.n))
     seconds = time.perf_counter() - start
     nll = perplexity_nll(spans, sums[:len(spans)])

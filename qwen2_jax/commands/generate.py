@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="the prompt")
+    source.add_argument("--prompt-file", metavar="FILE",
+                        help="the prompt: a whole UTF-8 file (a long document)")
     source.add_argument("--prompts-file", metavar="FILE",
                         help="one prompt per non-empty line (UTF-8), generated as one batch")
     parser.add_argument("--chat", action="store_true",
@@ -52,6 +54,7 @@ def add_parser(sub) -> None:
                         help="tokens to generate at most (default: generation_config or "
                         f"{DEFAULT_MAX_NEW_TOKENS})")
     add_sampling_args(parser)
+    add_long_context_args(parser)
     parser.add_argument("--allow-long", action="store_true",
                         help="generate past the model's max_position_embeddings (with a "
                         "warning) instead of refusing")
@@ -71,6 +74,25 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                         help="drop tokens below min_p x the top probability, in [0, 1]")
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="divide (multiply, if negative) the logits of seen tokens; > 0")
+
+
+YARN_HELP = ("for a model with YaRN rope_scaling (Qwen2.5's recipe for 131,072 tokens): "
+             "'dynamic' (default) gives each request the factor its own length needs, "
+             "clip((prompt + new tokens) / original context, 1, factor), so requests that fit "
+             "the original context get plain RoPE and its full quality; 'static' applies the "
+             "config's factor to every request, as transformers and vLLM do. No effect "
+             "without YaRN")
+
+
+def add_long_context_args(parser: argparse.ArgumentParser, prefill: bool = True) -> None:
+    """--yarn, and --prefill-chunk when `prefill`; shared with chat and eval."""
+    from qwen2_jax.decoding import PREFILL_CHUNK, YARN_MODES
+
+    parser.add_argument("--yarn", choices=YARN_MODES, default="dynamic", help=YARN_HELP)
+    if prefill:
+        parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
+                            help="prompt tokens per prefill step: memory for activations "
+                            "grows with N, not with the prompt (default %(default)s)")
 
 
 # name -> (test, what it must be), for the sampling flags and generation_config.json fields.
@@ -128,15 +150,32 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:
-    """The sampling flags' values, checked before anything loads; errors name the flag."""
+    """The sampling and --prefill-chunk flags' values, checked before anything loads; errors
+    name the flag."""
     for name, (ok, expected) in SETTINGS.items():
         value = getattr(args, name)
         if value is not None and not ok(value):
             raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+    if args.prefill_chunk < 1:
+        raise UsageError(f"--prefill-chunk must be an integer >= 1, got {args.prefill_chunk}")
 
 
 def prompt_texts(args) -> list[str]:
-    """The prompts of --prompt / --prompts-file (one per non-empty line)."""
+    """The prompts of --prompt / --prompt-file (the whole file) / --prompts-file (one per
+    non-empty line)."""
+    if args.prompt_file:
+        require_path("--prompt-file", args.prompt_file, "text file")
+        with open(args.prompt_file, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise UsageError(f"{args.prompt_file}:{line}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start} of the file)") from None
+        if not text.strip():
+            raise UsageError(f"{args.prompt_file}: empty; the prompt needs some text")
+        return [text]
     if not args.prompts_file:
         return [args.prompt]
     require_path("--prompts-file", args.prompts_file, "text file")
@@ -199,6 +238,7 @@ def _generate(args: argparse.Namespace) -> int:
             settings[name] = getattr(args, name)
     stops = set(settings.pop("stop_token_ids"))
     stops.update(i for i in (tokenizer.special_id("eos_token"),) if i is not None)
+    settings.update(yarn=args.yarn, prefill_chunk=args.prefill_chunk)
 
     def as_ids(text: str) -> list[int]:
         if not args.chat:
