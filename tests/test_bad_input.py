@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -265,6 +266,7 @@ def test_training_flags_are_checked_before_out_is_made(tmp_path, capsys, model, 
     ("--min-p", "2", "--min-p must be a number in [0, 1], got 2.0"),
     ("--repetition-penalty", "0", "--repetition-penalty must be a number > 0, got 0.0"),
     ("--max-new-tokens", "0", "--max-new-tokens must be an integer >= 1, got 0"),
+    ("--prefill-chunk", "0", "--prefill-chunk must be an integer >= 1, got 0"),
 ])
 def test_sampling_flags_are_checked_before_the_model_loads(tmp_path, capsys, model, flag, value,
                                                            message):
@@ -300,6 +302,32 @@ def test_non_utf8_prompts_file_is_named(tmp_path, capsys, model):
     prompts.write_bytes(b"hello\n\xff\xfe\n")
     status, _, err = run_cli(capsys, "generate", "--model", model, "--prompts-file", prompts)
     assert status == 2 and f"{prompts}:2: not UTF-8 text" in err
+
+
+def test_empty_or_missing_prompt_file_is_named(tmp_path, capsys, model):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    status, _, err = run_cli(capsys, "generate", "--model", model, "--prompt-file", empty)
+    assert status == 2 and f"{empty}: empty; the prompt needs some text" in err
+    status, _, err = run_cli(capsys, "generate", "--model", model, "--prompt-file",
+                             tmp_path / "missing.txt")
+    assert status == 2 and "--prompt-file" in err and "missing.txt" in err
+    status, _, err = run_cli(capsys, "generate", "--model", model, "--prompt", "hi", "--yarn",
+                             "bogus")
+    assert status == 2 and "argument --yarn: invalid choice: 'bogus'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prefill_chunk": 0}, "prefill_chunk must be a positive int, got 0"),
+    ({"yarn": "ntk"}, "yarn must be one of ('dynamic', 'static'), got 'ntk'"),
+])
+def test_generate_refuses_bad_long_context_arguments(model, kwargs, message):
+    import qwen2_jax
+
+    config, params = qwen2_jax.load(model)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        qwen2_jax.generate(config, params, [[1, 2, 3]], max_new_tokens=2, **kwargs)
 
 
 def test_disk_full_is_said_only_when_the_disk_is_full(tmp_path, capsys, model):
