@@ -18,6 +18,7 @@ KERNELS = True
 
 
 KV_AXES = ("batch", "kv_heads", "length", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")  # one layer's KV cache
 
 
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_offset, segments, window,
@@ -124,9 +125,6 @@ class Attention(nn.Module):
         out = linear((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
                      use_bias=False)(out)  # [B, T, D]
         return out if cache is None else (out, cache)
-
-
-CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
 
 def write_slots(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray,

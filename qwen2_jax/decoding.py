@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from qwen2_jax import attention
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import check_token_ids
 from qwen2_jax.model import Qwen2ForCausalLM
@@ -40,7 +41,7 @@ from qwen2_jax.sharding import (
 
 logger = logging.getLogger("qwen2_jax")
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
+CACHE_AXES = ("layers", *attention.CACHE_AXES)
 MIN_BUCKET = 16
 PREFILL_CHUNK = 2048
 YARN_MODES = ("dynamic", "static")

@@ -29,11 +29,16 @@ def _yarn_settings(config: Qwen2Config) -> tuple[int, float]:
     return original, factor
 
 
-def _plain_frequencies(config: Qwen2Config) -> np.ndarray:
-    """RoPE's inv_freq float32 [H/2]: base ** (-2i / H)."""
+def _wavelength_factors(config: Qwen2Config) -> np.ndarray:
+    """base ** (2i / H), float32 [H/2]: the inverse of RoPE's frequencies."""
     dim, base = config.head_size, config.rope_theta
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return (np.float32(1.0) / np.float32(base) ** exponents).astype(np.float32)
+    return np.float32(base) ** exponents
+
+
+def _plain_frequencies(config: Qwen2Config) -> np.ndarray:
+    """RoPE's inv_freq float32 [H/2]: base ** (-2i / H)."""
+    return (np.float32(1.0) / _wavelength_factors(config)).astype(np.float32)
 
 
 def _extrapolation_weight(config: Qwen2Config) -> np.ndarray:
@@ -79,11 +84,9 @@ def rope_frequencies(config: Qwen2Config) -> tuple[np.ndarray, float]:
 
     `attention_factor` multiplies cos and sin (1.0 for plain RoPE; YaRN's `0.1 ln(s) + 1`).
     """
-    dim, base = config.head_size, config.rope_theta
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    pos_freqs = np.float32(base) ** exponents  # [H/2]
     if config.rope_type == "default":
-        return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
+        return _plain_frequencies(config), 1.0
+    pos_freqs = _wavelength_factors(config)  # [H/2]
 
     scaling = config.rope_scaling
     _, factor = _yarn_settings(config)
@@ -95,7 +98,7 @@ def rope_frequencies(config: Qwen2Config) -> tuple[np.ndarray, float]:
         else:
             attention_factor = _yarn_mscale(factor)
     extrapolation_weight = _extrapolation_weight(config)
-    inv_freq_extrapolation = np.float32(1.0) / pos_freqs
+    inv_freq_extrapolation = _plain_frequencies(config)
     inv_freq_interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
     inv_freq = (inv_freq_interpolation * (1 - extrapolation_weight)
                 + inv_freq_extrapolation * extrapolation_weight)
