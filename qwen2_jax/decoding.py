@@ -214,7 +214,7 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
              min_p: float | None = None, repetition_penalty: float | None = None,
              stop_token_ids=None, seed: int = 0, *, vocab_size: int | None = None, dtype=None,
              mesh=None, rules=None, on_tokens=None, allow_long: bool = False,
-             prefill_chunk: int = PREFILL_CHUNK, yarn: str = "dynamic") -> list[list[int]]:
+             prefill_chunk: int = PREFILL_CHUNK, yarn: str | None = None) -> list[list[int]]:
     """Generated token ids per prompt (prompt and stop token excluded), as DESIGN.md.
 
     prompts: token-id lists, ragged. temperature 0: greedy; else sampling with top_k, top_p,
@@ -225,10 +225,10 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
     with each step's tokens as they are produced (streaming). allow_long: go past the model's
     position limit with a warning instead of an error (see `check_length`). prefill_chunk:
     prompt tokens per prefill step (memory for activations grows with it, not with the
-    prompt). yarn: for a config with YaRN rope_scaling, "dynamic" gives each prompt the
-    factor its own length needs (`rope.dynamic_yarn_scale`: plain RoPE when prompt plus
-    max_new_tokens fit the original context), "static" the config's factor for every
-    prompt, as transformers and vLLM do.
+    prompt). yarn: for a config with YaRN rope_scaling, "dynamic" (None: the default) gives
+    each prompt the factor its own length needs (`rope.dynamic_yarn_scale`: plain RoPE when
+    prompt plus max_new_tokens fit the original context), "static" the config's factor for
+    every prompt, as transformers and vLLM do.
     """
     global _stream_sink
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -242,6 +242,7 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
     check_length(config, lengths, max_new_tokens, allow_long)
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
+    yarn = "dynamic" if yarn is None else yarn
     if yarn not in YARN_MODES:
         raise ValueError(f"yarn must be one of {YARN_MODES}, got {yarn!r}")
     rope_scale = None

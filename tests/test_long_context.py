@@ -329,6 +329,7 @@ def test_dynamic_yarn_rows_differ_in_one_batch_without_recompiling(yarn_model):
     alone = [generate(yarn, params, [p], max_new_tokens=8) for p in (short, long)]
     together = generate(yarn, params, [short, long], max_new_tokens=8)
     assert together == [a[0] for a in alone]
+    assert generate(yarn, params, [long], max_new_tokens=8, yarn=None) == alone[1]  # default
     # the short row got plain RoPE, the long one s = 68 / 32 = 2.125: not static YaRN's 4
     assert alone[0] == generate(plain, params, [short], max_new_tokens=8)
     assert together[1] != generate(yarn, params, [long], max_new_tokens=8, yarn="static")[0]
