@@ -1,0 +1,142 @@
+"""`qwen2-jax serve`: the OpenAI-compatible HTTP server over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from qwen2_jax.commands.common import (
+    MESH_HELP,
+    MODEL_HELP,
+    UsageError,
+    add_mesh_args,
+    check_at_least,
+    mesh_from_args,
+    model_path,
+    run_guarded,
+    stage,
+)
+from qwen2_jax.commands.generate import YARN_HELP, generation_defaults
+
+NAME = "serve"
+DEFAULT_MAX_MODEL_LEN = 4096
+LOWER = "--max-batch or --max-model-len, or spread the model over more devices with --mesh"
+logger = logging.getLogger("qwen2_jax")
+
+DESCRIPTION = """\
+Serves the model over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions
+(streamed with "stream": true), GET /v1/models, /health (503 while warming up, then 200) and
+/metrics (Prometheus).
+
+The engine keeps --max-batch decode slots, each with its own KV cache rows of
+--max-model-len tokens. Waiting requests are prefilled in chunks of at most --prefill-chunk
+tokens into free slots between decode steps; one compiled decode step serves every mix of
+requests, each with its own sampling settings. A request's tokens do not depend on what else
+runs: greedy output equals `qwen2_jax.generate`, and a seeded request gives the same tokens
+alone or in any batch. Sampling settings the request leaves out come from the model's
+generation_config.json (greedy without one, or unless it says do_sample).
+
+Warm-up compiles every program before /health turns 200; --compile-cache keeps them on disk
+so a restart warms up faster. SIGTERM or Ctrl-C drains: no new connections, running requests
+finish, then the server exits."""
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser(
+        NAME, help="an OpenAI-compatible HTTP server (continuous batching)",
+        description=DESCRIPTION, epilog=MESH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default %(default)s; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="the model name clients send and /v1/models lists (default: the "
+                        "model folder's name)")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on /v1/* (repeat for "
+                        "several keys; default: $QWEN2_JAX_API_KEY, else no key)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-batch", type=int, default=8, metavar="N",
+                        help="decode slots: requests generating at once (default %(default)s)")
+    engine.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                        help="tokens per slot, prompt plus output; longer requests get a 400 "
+                        f"(default: the model's position limit, at most {DEFAULT_MAX_MODEL_LEN})")
+    engine.add_argument("--max-queue", type=int, default=256, metavar="N",
+                        help="requests waiting for a slot before new ones get 429 "
+                        "(default %(default)s)")
+    engine.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                        help="prompt tokens per prefill step; running requests wait at most "
+                        "one chunk for a new one (default %(default)s)")
+    engine.add_argument("--yarn", choices=("dynamic", "static"), default="dynamic",
+                        help=YARN_HELP)
+    engine.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="persistent compilation cache (default: jax-compile-cache in the "
+                        "qwen2-jax cache folder, $QWEN2_JAX_CACHE or ~/.cache/qwen2-jax)")
+    engine.add_argument("--no-compile-cache", action="store_true",
+                        help="compile from scratch at every start")
+    add_mesh_args(parser, processes=False,
+                  mesh_help="device mesh over this host's devices (tensor parallel: "
+                  "'tensor=-1')")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_guarded(NAME, lambda: _serve(args), LOWER)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "max_batch", "max_queue", "max_model_len")
+    check_at_least(args, 16, "prefill_chunk")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    import jax
+    import uvicorn
+
+    import qwen2_jax
+    from qwen2_jax import embedded
+    from qwen2_jax.decoding import position_limit
+    from qwen2_jax.serve.app import Server, build_app
+    from qwen2_jax.serve.engine import Engine
+    from qwen2_jax.tokenizer import Tokenizer
+
+    model = model_path(args.model)
+    config = qwen2_jax.Qwen2Config.from_file(model)
+    limit = position_limit(config)
+    max_model_len = args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
+    if max_model_len > limit:
+        raise UsageError(f"--max-model-len {max_model_len} is past the model's position "
+                         f"limit {limit}")
+    settings = generation_defaults(model)
+    tokenizer = Tokenizer(model)
+    eos = set(settings.pop("stop_token_ids"))
+    eos.update(i for i in (tokenizer.special_id("eos_token"),) if i is not None)
+    defaults = {k: v for k, v in settings.items() if k != "max_new_tokens" and v is not None}
+    if not args.no_compile_cache:
+        folder = args.compile_cache or os.path.join(embedded.cache_dir(), "jax-compile-cache")
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    mesh, rules = mesh_from_args(args)
+    with stage("loading the model"):
+        config, params = qwen2_jax.load(model, mesh=mesh, rules=rules)
+    engine = Engine(config, params, max_batch=args.max_batch, max_model_len=max_model_len,
+                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                    vocab_size=min(len(tokenizer), config.vocab_size), mesh=mesh,
+                    rules=rules, yarn=args.yarn)
+    del params  # the engine keeps its own per-layer copy
+    keys = args.api_key or ([os.environ["QWEN2_JAX_API_KEY"]]
+                            if os.environ.get("QWEN2_JAX_API_KEY") else [])
+    name = args.served_model_name or os.path.basename(os.path.normpath(model))
+    server = Server(engine, tokenizer, name, api_keys=keys, defaults=defaults,
+                    eos_token_ids=eos, root=model)
+    logger.info("serving %s as %r on http://%s:%d (%d slots of %d tokens)", model, name,
+                args.host, args.port, args.max_batch, max_model_len)
+    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: a
+    # drained shutdown is a clean exit (0), not death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=None)
+    logger.info("stopped")
+    return 0

@@ -1,0 +1,480 @@
+"""The continuous-batching engine: a fixed set of decode slots and a scheduler thread.
+
+Each slot owns its rows of one preallocated KV cache. The scheduler loop, on its own thread:
+1. frees the slots of finished or cancelled requests, and admits waiting requests into free
+   slots (first come, first served);
+2. runs one prefill chunk of the oldest slot still reading its prompt (chunks are bucketed
+   widths, so a long prompt never stalls the running requests for more than one chunk);
+3. runs one decode step over every slot (one compiled program for any mix of requests) and
+   hands each running request its token.
+
+Requests talk to the engine through `Sequence`: the engine calls `on_token` with each token
+(returning a finish reason stops it, e.g. a stop string the caller matched) and `on_finish`
+once. Both run on the scheduler thread and must be quick.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2_jax import attention
+from qwen2_jax.decoding import position_limit, unstack_layers
+from qwen2_jax.rope import dynamic_yarn_scale
+from qwen2_jax.serve import step
+from qwen2_jax.serve.metrics import Metrics
+from qwen2_jax.sharding import mesh_context, mesh_of, named_sharding, resolve_rules
+
+logger = logging.getLogger("qwen2_jax.serve")
+
+MIN_CHUNK = 16
+SCORE_CHUNK = 64  # prompt log-probs (echo) are computed this many positions at a time
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds --max-queue requests already."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is draining or stopped: it takes no new requests."""
+
+
+@dataclasses.dataclass
+class Settings:
+    """A request's sampling settings (OpenAI/vLLM names; neutral values switch a step off)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: frozenset = frozenset()
+    logprobs: int | None = None  # top-N alternatives per token (0: the chosen token only)
+    prompt_logprobs: bool = False  # echo: log-probs of the prompt's tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    """One token for the caller: its id, log-probability, and the top-N (id, logprob)."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple = ()
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One generation: a prompt, its settings, and the caller's callbacks.
+
+    on_token(TokenInfo) -> str | None: a finish reason ends it ("stop": a stop string).
+    on_finish(reason, prompt_logprobs): reason "stop", "length" or "cancelled";
+    prompt_logprobs: a list of TokenInfo for prompt tokens 1.. (echo), else None.
+    """
+
+    prompt: list[int]
+    settings: Settings
+    on_token: Callable[[TokenInfo], str | None]
+    on_finish: Callable[[str, list | None], None]
+    sample_index: int = 0
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    cancelled: bool = False
+    generated: int = 0
+
+    def cancel(self) -> None:
+        """Thread-safe: the scheduler frees the slot at its next iteration."""
+        self.cancelled = True
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    sequence: Sequence
+    chunks: list  # remaining prefill chunks: (start, width)
+    seed: int
+    rope_scale: float = 1.0
+    length: int = 0  # tokens in the cache
+    prompt_logprobs: list | None = None
+    scored: int = 0  # echo: prompt positions scored so far
+    last_token_time: float = 0.0
+
+
+def chunk_widths(prefill_chunk: int) -> list[int]:
+    """The compiled prefill widths: powers of four from MIN_CHUNK, and prefill_chunk."""
+    widths, width = [], MIN_CHUNK
+    while width < prefill_chunk:
+        widths.append(width)
+        width *= 4
+    return [*widths, prefill_chunk]
+
+
+def plan_chunks(length: int, widths: list[int]) -> list[tuple[int, int]]:
+    """(start, width) chunks covering `length` prompt tokens: the narrowest width that holds
+    the rest when it is less than twice the rest, else the widest that fits (padding after
+    the prompt is written but never read)."""
+    chunks, start = [], 0
+    while start < length:
+        left = length - start
+        holding = [w for w in widths if left <= w < 2 * left]
+        fitting = [w for w in widths if w <= left]
+        width = holding[0] if holding else fitting[-1] if fitting else widths[0]
+        chunks.append((start, width))
+        start += width
+    return chunks
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots of `max_model_len` tokens each.
+
+    Construct, `start()` (warm-up compiles every program, then the scheduler runs), then
+    `submit(sequence)` from any thread; `drain()` stops taking requests and returns when the
+    running ones have finished; `stop()` ends the thread.
+    """
+
+    def __init__(self, config, params, *, max_batch: int = 8, max_model_len: int = 4096,
+                 prefill_chunk: int = 512, max_queue: int = 256, vocab_size: int | None = None,
+                 dtype=None, mesh=None, rules=None, yarn: str = "dynamic",
+                 metrics: Metrics | None = None):
+        if max_batch < 1 or max_model_len < 2 or prefill_chunk < MIN_CHUNK or max_queue < 1:
+            raise ValueError("max_batch, max_queue >= 1, max_model_len >= 2, prefill_chunk "
+                             f">= {MIN_CHUNK} are required")
+        limit = position_limit(config)
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} is past the model's position "
+                             f"limit {limit}")
+        self.config = config
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len
+        self.max_queue = max_queue
+        self.vocab_size = vocab_size or config.vocab_size
+        self.widths = chunk_widths(prefill_chunk)
+        self.mesh = mesh if mesh is not None else mesh_of(params)
+        self.rules = resolve_rules(rules, self.mesh)
+        self.dtype = jnp.dtype(dtype) if dtype is not None else (
+            params["embed_tokens"]["embedding"].dtype)
+        self.dynamic_yarn = config.rope_type == "yarn" and yarn == "dynamic"
+        self.metrics = metrics or Metrics()
+        self.metrics.compiled_programs = self.compiled_programs
+        # Per-layer weights (the unrolled decode is ~2x faster on CPU than scanning).
+        self.params = unstack_layers(params, config.num_hidden_layers)
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.ready = False
+        self.draining = False
+        self._stop = False
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._seeds = np.random.default_rng()
+        self.error: BaseException | None = None
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queues requests, all or none (thread-safe). Raises ValueError for one past the
+        context, QueueFull, or EngineStopped."""
+        for sequence in sequences:
+            total = len(sequence.prompt) + sequence.settings.max_tokens
+            if total > self.max_model_len:
+                raise ValueError(f"prompt ({len(sequence.prompt)} tokens) + max_tokens "
+                                 f"({sequence.settings.max_tokens}) = {total} is past "
+                                 f"max_model_len={self.max_model_len}")
+        with self._wake:
+            if self.draining or self._stop or self.error is not None:
+                raise EngineStopped("the server is shutting down")
+            if len(self.waiting) + len(sequences) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue "
+                                f"{self.max_queue})")
+            self.waiting.extend(sequences)
+            self.metrics.waiting = len(self.waiting)
+            self._wake.notify()
+
+    def wake(self) -> None:
+        """Makes the scheduler look at cancellations now."""
+        with self._wake:
+            self._wake.notify()
+
+    def start(self, warm_up: bool = True) -> None:
+        """Compiles every program (warm-up), then runs the scheduler on its own thread."""
+        with mesh_context(self.mesh):
+            self._allocate()
+            if warm_up:
+                self._warm_up()
+        self.ready = True
+        self._thread = threading.Thread(target=self._run, name="qwen2-jax-engine", daemon=True)
+        self._thread.start()
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Takes no new requests; returns when waiting and running ones are done."""
+        with self._wake:
+            self.draining = True
+            self._wake.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.waiting or any(self.slots):
+            if self.error is not None or (deadline and time.monotonic() > deadline):
+                break
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @staticmethod
+    def compiled_programs() -> int:
+        """How many programs the engine's jitted functions have compiled (in this process)."""
+        return sum(f._cache_size() for f in (step.prefill_chunk, step.decode, step.score_chunk))
+
+    # -- device state -----------------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        c = self.config
+        # Room past max_model_len for the last prefill chunk's padding.
+        self.cache_slots = self.max_model_len + max(self.widths[-1], SCORE_CHUNK)
+        shape = (self.max_batch, c.num_key_value_heads, self.cache_slots, c.head_size)
+        # Committed arrays from the start: an uncommitted first call would compile apart.
+        sharding = jax.devices()[0] if self.mesh is None else named_sharding(
+            attention.CACHE_AXES, shape, self.mesh, self.rules)
+        self.cache = {name: tuple(jnp.zeros(shape, self.dtype, device=sharding)
+                                  for _ in range(c.num_hidden_layers)) for name in ("k", "v")}
+        b, v = self.max_batch, c.vocab_size
+        place = jax.devices()[0] if self.mesh is None else named_sharding(
+            (), (), self.mesh, self.rules)
+        self.state = {"token": jnp.zeros((b,), jnp.int32, device=place),
+                      "prompt_mask": jnp.zeros((b, v), bool, device=place),
+                      "counts": jnp.zeros((b, v), jnp.int32, device=place)}
+
+    def _settings(self, slots: list[_Slot | None]) -> step.RowSettings:
+        """RowSettings arrays for these slots (neutral greedy values for empty ones)."""
+        def column(get, dtype):
+            return np.array([get(s) for s in slots], dtype)
+
+        def field(name, neutral):
+            return lambda s: neutral if s is None else getattr(s.sequence.settings, name)
+
+        return step.RowSettings(
+            temperature=column(field("temperature", 0.0), np.float32),
+            top_k=column(field("top_k", 0), np.int32),
+            top_p=column(field("top_p", 1.0), np.float32),
+            min_p=column(field("min_p", 0.0), np.float32),
+            repetition_penalty=column(field("repetition_penalty", 1.0), np.float32),
+            presence_penalty=column(field("presence_penalty", 0.0), np.float32),
+            frequency_penalty=column(field("frequency_penalty", 0.0), np.float32),
+            seed=column(lambda s: 0 if s is None else s.seed, np.uint32),
+            sample_index=column(lambda s: 0 if s is None else s.sequence.sample_index,
+                                np.int32),
+            token_index=column(lambda s: 0 if s is None else s.sequence.generated, np.int32))
+
+    def _rope_scale(self, slots: list[_Slot | None]):
+        if not self.dynamic_yarn:
+            return None
+        return np.array([1.0 if s is None else s.rope_scale for s in slots], np.float32)
+
+    def _prefill(self, index: int, slot: _Slot, ids: np.ndarray, start: int, last: int):
+        prompt_mask = np.zeros(self.config.vocab_size, bool)
+        prompt_mask[slot.sequence.prompt] = True
+        self.cache, self.state, chosen = step.prefill_chunk(
+            self.config, self.dtype, self.mesh, self.rules, self.vocab_size, self.params,
+            self.cache, self.state, np.int32(index), ids[None], np.int32(start), np.int32(last),
+            prompt_mask, self._settings([slot]), self._rope_scale([slot]))
+        return chosen
+
+    def _warm_up(self) -> None:
+        """Runs every program once on slot 0 (its results are overwritten by real use)."""
+        began = time.monotonic()
+        dummy = _Slot(Sequence([0], Settings(1), lambda t: None, lambda r, p: None), [], 0)
+        for width in self.widths:
+            jax.block_until_ready(self._prefill(0, dummy, np.zeros(width, np.int32), 0, 0))
+        self.cache, *scored = step.score_chunk(
+            self.config, self.dtype, self.mesh, self.rules, self.vocab_size, self.params,
+            self.cache, np.int32(0), np.zeros((1, SCORE_CHUNK), np.int32), np.int32(0),
+            np.zeros((1, SCORE_CHUNK), np.int32), self._rope_scale([dummy]))
+        jax.block_until_ready(scored)
+        jax.block_until_ready(self._decode())
+        logger.info("warm-up: %d programs compiled in %.1f s", self.compiled_programs(),
+                    time.monotonic() - began)
+
+    def _decode(self):
+        slots = self.slots
+        lengths = np.array([0 if s is None else s.length for s in slots], np.int32)
+        active = np.array([s is not None and not s.chunks for s in slots], bool)
+        self.cache, self.state, chosen = step.decode(
+            self.config, self.dtype, self.mesh, self.rules, self.vocab_size, self.params,
+            self.cache, self.state, lengths, active, self._settings(slots),
+            self._rope_scale(slots))
+        return chosen
+
+    # -- the scheduler ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with mesh_context(self.mesh):
+                while True:
+                    with self._wake:
+                        self._free_cancelled()
+                        self._admit()
+                        busy = any(self.slots)
+                        if not busy:
+                            if self._stop:
+                                return
+                            self._wake.wait(0.5)
+                            continue
+                        if self._stop:
+                            return
+                    self._iterate()
+        except BaseException as e:  # the server must answer, not hang: fail every request
+            logger.exception("engine failed")
+            self.error = e
+            for slot in self.slots:
+                if slot is not None:
+                    self._finish_quietly(slot.sequence, "error")
+            while self.waiting:
+                self._finish_quietly(self.waiting.popleft(), "error")
+
+    @staticmethod
+    def _finish_quietly(sequence: Sequence, reason: str) -> None:
+        try:
+            sequence.on_finish(reason, None)
+        except Exception:
+            logger.exception("on_finish failed")
+
+    def _free_cancelled(self) -> None:
+        for index, slot in enumerate(self.slots):
+            if slot is not None and slot.sequence.cancelled:
+                self._release(index, "cancelled")
+        kept = [s for s in self.waiting if not s.cancelled]
+        for sequence in self.waiting:
+            if sequence.cancelled:
+                self._finish_quietly(sequence, "cancelled")
+        self.waiting = collections.deque(kept)
+        self.metrics.waiting = len(self.waiting)
+
+    def _admit(self) -> None:
+        for index, slot in enumerate(self.slots):
+            if slot is None and self.waiting:
+                sequence = self.waiting.popleft()
+                s = sequence.settings
+                seed = s.seed if s.seed is not None else int(self._seeds.integers(2**32))
+                new = _Slot(sequence, plan_chunks(len(sequence.prompt), self.widths),
+                            seed % 2**32)
+                if self.dynamic_yarn:
+                    new.rope_scale = float(dynamic_yarn_scale(
+                        self.config, [len(sequence.prompt) + s.max_tokens])[0])
+                if s.prompt_logprobs:
+                    new.prompt_logprobs = []
+                self.slots[index] = new
+        self.metrics.waiting = len(self.waiting)
+        self.metrics.running = sum(s is not None for s in self.slots)
+
+    def _iterate(self) -> None:
+        prefilling = [i for i, s in enumerate(self.slots) if s is not None and s.chunks]
+        if prefilling:
+            oldest = min(prefilling, key=lambda i: self.slots[i].sequence.arrival)
+            self._prefill_step(oldest)
+        if any(s is not None and not s.chunks for s in self.slots):
+            chosen = jax.device_get(self._decode())
+            now = time.monotonic()
+            for index, slot in enumerate(self.slots):
+                if slot is not None and not slot.chunks:
+                    slot.length += 1
+                    self.metrics.token_latency.observe(now - slot.last_token_time)
+                    self._deliver(index, chosen, index, now)
+
+    def _prefill_step(self, index: int) -> None:
+        slot = self.slots[index]
+        prompt = slot.sequence.prompt
+        if slot.prompt_logprobs is not None and slot.scored < len(prompt):
+            self._score_step(index, slot)
+            return
+        start, width = slot.chunks.pop(0)
+        ids = np.zeros(width, np.int32)
+        piece = prompt[start:start + width]
+        ids[:len(piece)] = piece
+        last = len(prompt) - 1 - start if start + width >= len(prompt) else -1
+        chosen = self._prefill(index, slot, ids, start, last)
+        if last < 0:
+            # Decode steps write this idle row at slot `length`: the next chunk's first
+            # slot, which that chunk overwrites.
+            slot.length = start + width
+            return
+        slot.length = len(prompt)
+        if slot.sequence.settings.max_tokens == 0:  # echo only
+            self._release(index, "length")
+            return
+        chosen = jax.device_get(chosen)
+        now = time.monotonic()
+        self.metrics.time_to_first_token.observe(now - slot.sequence.arrival)
+        self.metrics.prompt_tokens += len(prompt)
+        self._deliver(index, chosen, 0, now)
+
+    def _score_step(self, index: int, slot: _Slot) -> None:
+        """Echo: the next SCORE_CHUNK prompt positions' log-probs, written into the cache
+        too; the prompt's last chunk then runs again as a prefill to choose the first
+        token (one chunk recomputed)."""
+        prompt = slot.sequence.prompt
+        start = slot.scored
+        piece = prompt[start:start + SCORE_CHUNK]
+        targets = prompt[start + 1:start + 1 + SCORE_CHUNK]
+        ids = np.zeros((1, SCORE_CHUNK), np.int32)
+        ids[0, :len(piece)] = piece
+        target_ids = np.zeros((1, SCORE_CHUNK), np.int32)
+        target_ids[0, :len(targets)] = targets
+        if start + SCORE_CHUNK > self.cache_slots:
+            raise RuntimeError("score chunk past the cache")  # max_model_len bounds prompts
+        self.cache, *scored = step.score_chunk(
+            self.config, self.dtype, self.mesh, self.rules, self.vocab_size, self.params,
+            self.cache, np.int32(index), ids, np.int32(start), target_ids,
+            self._rope_scale([slot]))
+        logprob, top_ids, top_logprobs = jax.device_get(scored)
+        n = slot.sequence.settings.logprobs or 0
+        for i in range(len(targets)):
+            slot.prompt_logprobs.append(TokenInfo(
+                targets[i], float(logprob[i]),
+                tuple(zip(top_ids[i, :n].tolist(), top_logprobs[i, :n].tolist(),
+                          strict=True))))
+        slot.scored = start + SCORE_CHUNK
+        if slot.scored >= len(prompt):  # the cache holds the prompt: re-run its last chunk
+            slot.chunks = slot.chunks[-1:]
+
+    def _deliver(self, index: int, chosen, row: int, now: float) -> None:
+        """Hands row `row` of `chosen` to slot `index`'s request; finishes it when due."""
+        slot = self.slots[index]
+        sequence = slot.sequence
+        s = sequence.settings
+        token = int(chosen.token[row])
+        slot.last_token_time = now
+        if token in s.stop_token_ids:
+            self._release(index, "stop")
+            return
+        n = s.logprobs or 0
+        info = TokenInfo(token, float(chosen.logprob[row]), tuple(zip(
+            chosen.top_ids[row, :n].tolist(), chosen.top_logprobs[row, :n].tolist(),
+            strict=True)))
+        sequence.generated += 1
+        self.metrics.generation_tokens += 1
+        reason = sequence.on_token(info)
+        if reason is None and sequence.generated >= s.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self._release(index, reason)
+
+    def _release(self, index: int, reason: str) -> None:
+        slot = self.slots[index]
+        self.slots[index] = None
+        self.metrics.running = sum(s is not None for s in self.slots)
+        self.metrics.finished[reason] = self.metrics.finished.get(reason, 0) + 1
+        try:
+            slot.sequence.on_finish(reason, slot.prompt_logprobs)
+        except Exception:
+            logger.exception("on_finish failed")

@@ -1,0 +1,189 @@
+"""The serving engine's compiled programs: prefill one slot, one decode step over all slots.
+
+Everything a slot's sampling needs is a per-row array (`RowSettings`), never a static
+argument, so one compiled decode step serves every mix of requests. The cache is per layer
+(`{"k", "v"}`: tuples of [B, K, S, H], as `Qwen2ForCausalLM(scan_layers=False)` takes it)
+and donated by every program, so it is written in place.
+
+A row's random key is derived from its request's seed, its sample index (`n`) and the index
+of the token being chosen, never from the batch: a seeded request gives the same tokens alone
+and beside any other requests.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qwen2_jax.decoding import _model
+
+TOP_LOGPROBS = 20  # OpenAI's maximum top_logprobs; computed every step (a cheap top-k)
+
+
+class RowSettings(NamedTuple):
+    """Per-row sampling settings, each [B] (neutral values switch a step off)."""
+
+    temperature: jnp.ndarray  # float32; 0 = greedy
+    top_k: jnp.ndarray  # int32; 0 = off
+    top_p: jnp.ndarray  # float32; 1 = off
+    min_p: jnp.ndarray  # float32; 0 = off
+    repetition_penalty: jnp.ndarray  # float32; 1 = off (prompt and output tokens)
+    presence_penalty: jnp.ndarray  # float32; 0 = off (output tokens, as vLLM/OpenAI)
+    frequency_penalty: jnp.ndarray  # float32; 0 = off (output tokens)
+    seed: jnp.ndarray  # uint32
+    sample_index: jnp.ndarray  # int32: which of the request's n choices this row is
+    token_index: jnp.ndarray  # int32: the index of the token about to be chosen
+
+
+class Chosen(NamedTuple):
+    """What a step hands the host for each row [B]: the token, its log-probability under the
+    model (log-softmax of the raw logits, as `forward`), and the TOP_LOGPROBS most likely."""
+
+    token: jnp.ndarray  # int32 [B]
+    logprob: jnp.ndarray  # float32 [B]
+    top_ids: jnp.ndarray  # int32 [B, TOP_LOGPROBS]
+    top_logprobs: jnp.ndarray  # float32 [B, TOP_LOGPROBS]
+
+
+def _raw_logprobs(logits: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
+    """log-softmax [B, V] over the tokenizer's ids (embedding padding rows excluded)."""
+    vocab = jnp.arange(logits.shape[-1])
+    return jax.nn.log_softmax(jnp.where(vocab < vocab_size, logits, -jnp.inf), axis=-1)
+
+
+def _filter(x: jnp.ndarray, s: RowSettings) -> jnp.ndarray:
+    """Temperature, then top-k, top-p and min-p per row, with transformers' semantics (ties
+    with the k-th value stay; top-p keeps the smallest most-likely set reaching p)."""
+    x = x / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+
+    def cut_sorted(x):
+        ascending = jnp.sort(x, axis=-1)  # [B, V]
+        vocab = x.shape[-1]
+        kth = jnp.take_along_axis(ascending, jnp.clip(vocab - s.top_k, 0, vocab - 1)[:, None],
+                                  axis=-1)  # [B, 1]
+        kth = jnp.where(s.top_k[:, None] > 0, kth, -jnp.inf)
+        ascending = jnp.where(ascending < kth, -jnp.inf, ascending)
+        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        removed = jnp.sum(cumulative <= (1 - s.top_p)[:, None], axis=-1)  # a prefix
+        removed = jnp.minimum(removed, vocab - 1)  # the most likely token always stays
+        p_cut = jnp.take_along_axis(ascending, removed[:, None], axis=-1)  # [B, 1]
+        p_cut = jnp.where(s.top_p[:, None] < 1, p_cut, -jnp.inf)
+        return jnp.where(x < jnp.maximum(kth, p_cut), -jnp.inf, x)
+
+    # The sort is the costly part of sampling: only when some row asks for it.
+    x = jax.lax.cond(jnp.any((s.top_k > 0) | (s.top_p < 1)), cut_sorted, lambda x: x, x)
+    probs = jax.nn.softmax(x, axis=-1)
+    threshold = s.min_p[:, None] * probs.max(axis=-1, keepdims=True)
+    return jnp.where(probs < threshold, -jnp.inf, x)
+
+
+def choose(logits: jnp.ndarray, prompt_mask: jnp.ndarray, counts: jnp.ndarray, s: RowSettings,
+           vocab_size: int) -> Chosen:
+    """The next token of each row from float32 logits [B, V]. prompt_mask bool [B, V]: the
+    row's prompt ids; counts int32 [B, V]: how often each id was generated so far."""
+    logits = logits.astype(jnp.float32)
+    logprobs = _raw_logprobs(logits, vocab_size)  # [B, V]
+    # Penalties act on the raw logits, as transformers' (the repetition penalty's sign test
+    # is not shift-invariant); the padding rows of the embedding are never chosen.
+    x = jnp.where(jnp.isfinite(logprobs), logits, -jnp.inf)
+    seen = prompt_mask | (counts > 0)
+    rp = s.repetition_penalty[:, None]
+    x = jnp.where(seen, jnp.where(x < 0, x * rp, x / rp), x)
+    x = (x - s.frequency_penalty[:, None] * counts
+         - s.presence_penalty[:, None] * (counts > 0))
+
+    def sampled(x):
+        x = _filter(x, s)
+
+        def gumbel(seed, sample_index, token_index):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), sample_index),
+                                     token_index)
+            return jax.random.gumbel(key, x.shape[-1:], jnp.float32)
+
+        noise = jax.vmap(gumbel)(s.seed, s.sample_index, s.token_index)  # [B, V]
+        drawn = jnp.argmax(x + noise, axis=-1)
+        return jnp.where(s.temperature > 0, drawn, jnp.argmax(x, axis=-1))
+
+    token = jax.lax.cond(jnp.any(s.temperature > 0), sampled,
+                         lambda x: jnp.argmax(x, axis=-1), x).astype(jnp.int32)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+    return Chosen(token, logprob, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _rows(cache: dict, slot, count: int = 1) -> dict:
+    return {name: tuple(jax.lax.dynamic_slice_in_dim(c, slot, count, axis=0) for c in layers)
+            for name, layers in cache.items()}
+
+
+def _put_rows(cache: dict, rows: dict, slot) -> dict:
+    return {name: tuple(jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0)
+                        for c, r in zip(layers, rows[name], strict=True))
+            for name, layers in cache.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "vocab_size"),
+                   donate_argnames=("cache", "state"))
+def prefill_chunk(config, dtype, mesh, rules, vocab_size, params, cache, state, slot, ids, start,
+                  last, prompt_mask, settings, rope_scale):
+    """Writes one chunk of slot `slot`'s prompt, ids [1, C], into its cache rows at
+    start .. start + C - 1. `last` (an index into the chunk, or -1 while the prompt goes on)
+    marks the prompt's final token: then the row's first token is chosen from its logits,
+    and the row's decode state (token, prompt_mask [V], counts) is set.
+
+    settings: this row's RowSettings, each [1]. Returns (cache, state, Chosen of [1]).
+    """
+    row_cache = _rows(cache, slot)
+    logits, row_cache = _model(config, dtype, mesh, rules, params, row_cache, ids,
+                               jnp.reshape(start, (1,)), jnp.maximum(last, 0)[None],
+                               rope_scale, scan_layers=False)
+    cache = _put_rows(cache, row_cache, slot)
+    mask = prompt_mask[None]  # [1, V]
+    chosen = choose(logits, mask, jnp.zeros(mask.shape, jnp.int32), settings, vocab_size)
+    done = last >= 0
+
+    def set_row(array, value):
+        return jnp.where(done, jax.lax.dynamic_update_slice_in_dim(array, value, slot, 0), array)
+
+    state = {"token": set_row(state["token"], chosen.token),
+             "prompt_mask": set_row(state["prompt_mask"], mask),
+             "counts": set_row(state["counts"], jax.nn.one_hot(
+                 chosen.token, mask.shape[-1], dtype=jnp.int32))}
+    return cache, state, chosen
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "vocab_size"),
+                   donate_argnames=("cache", "state"))
+def decode(config, dtype, mesh, rules, vocab_size, params, cache, state, lengths, active,
+           settings, rope_scale):
+    """One token for every slot: feeds state["token"] [B] at slot lengths[b] and chooses the
+    next. Rows that are not `active` [B] (free, or still in prefill) compute at a slot their
+    own later writes overwrite, and leave their state alone. Returns (cache, state, Chosen)."""
+    logits, cache = _model(config, dtype, mesh, rules, params, cache, state["token"][:, None],
+                           lengths, jnp.zeros_like(lengths), rope_scale, scan_layers=False)
+    chosen = choose(logits, state["prompt_mask"], state["counts"], settings, vocab_size)
+    rows = jnp.arange(lengths.shape[0])
+    state = {"token": jnp.where(active, chosen.token, state["token"]),
+             "prompt_mask": state["prompt_mask"],
+             "counts": state["counts"].at[rows, chosen.token].add(active.astype(jnp.int32))}
+    return cache, state, chosen
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "vocab_size"),
+                   donate_argnames=("cache",))
+def score_chunk(config, dtype, mesh, rules, vocab_size, params, cache, slot, ids, start,
+                targets, rope_scale):
+    """Like a prefill chunk, but returns the log-probabilities of every position's next
+    token `targets` [1, C] (echo: prompt log-probs) and each position's TOP_LOGPROBS. Returns
+    (cache, logprob [C], top_ids [C, TOP_LOGPROBS], top_logprobs [C, TOP_LOGPROBS])."""
+    row_cache = _rows(cache, slot)
+    logits, row_cache = _model(config, dtype, mesh, rules, params, row_cache, ids,
+                               jnp.reshape(start, (1,)), None, rope_scale, scan_layers=False)
+    cache = _put_rows(cache, row_cache, slot)
+    logprobs = _raw_logprobs(logits[0].astype(jnp.float32), vocab_size)  # [C, V]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    logprob = jnp.take_along_axis(logprobs, targets[0][:, None], axis=-1)[:, 0]
+    return cache, logprob, top_ids.astype(jnp.int32), top_logprobs

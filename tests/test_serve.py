@@ -1,0 +1,339 @@
+"""`qwen2-jax serve` through real clients: the `openai` package and raw HTTP against a server
+the test starts, on a tiny random Qwen2 with the real tokenizer. Every expected value comes
+from another path: `qwen2_jax.generate` (solo, greedy), `qwen2_jax.forward`'s log-softmax,
+or the same request sent alone."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from serving import get, running_server
+
+from conftest import make_hf_model
+
+STOPS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+TOKENIZER_SIZE = 151646
+KEY = "test-key"
+FLAGS = ("--max-batch", "4", "--max-model-len", "256", "--prefill-chunk", "64",
+         "--served-model-name", "tiny", "--api-key", KEY)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, qwen2_tokenizer_dir):
+    """A tiny random Qwen2 with the real vocabulary and tokenizer, greedy, stopping at eos;
+    returns (folder, config, params, tokenizer)."""
+    import qwen2_jax
+    from qwen2_jax.tokenizer import Tokenizer
+
+    folder = tmp_path_factory.mktemp("serve_model")
+    make_hf_model(folder, vocab_size=151936, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((qwen2_tokenizer_dir / name).read_bytes())
+    (folder / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "eos_token_id": STOPS}))
+    config, params = qwen2_jax.load(str(folder))
+    return str(folder), config, params, Tokenizer(str(folder))
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("compile_cache")
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    with running_server(model[0], *FLAGS, "--compile-cache", str(cache), log=log) as s:
+        s.compile_cache = cache
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def solo_greedy(model, prompt_ids, max_tokens, **settings) -> str:
+    import qwen2_jax
+
+    _, config, params, tokenizer = model
+    tokens = qwen2_jax.generate(config, params, [prompt_ids], max_new_tokens=max_tokens,
+                                stop_token_ids=STOPS, vocab_size=TOKENIZER_SIZE, **settings)[0]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_warm_up_answers_503_then_every_program_is_compiled(server):
+    """/health said 503 while the server compiled, and the compile cache holds the engine's
+    programs (a restart reads them instead of compiling)."""
+    assert 503 in server.statuses and server.statuses[-1] == 200
+    names = os.listdir(server.compile_cache)
+    for program in ("jit_prefill_chunk", "jit_decode", "jit_score_chunk"):
+        assert any(n.startswith(program) for n in names), names
+
+
+def test_chat_streamed_and_not_equals_generate(model, client):
+    _, _, _, tokenizer = model
+    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+    expected = solo_greedy(model, ids, 20)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    if reply.choices[0].finish_reason == "length":
+        assert reply.usage.completion_tokens == 20
+
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=20, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"  # the role first
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    content = [c for c in chunks if c.choices]
+    assert content[-1].choices[0].finish_reason == reply.choices[0].finish_reason  # last
+    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == reply.usage  # the usage chunk
+
+
+def test_completions_stream_wire_format(model, server):
+    """The bytes on the wire: `data: {json}\\n\\n` events ending with `data: [DONE]`."""
+    body = {"model": "tiny", "prompt": "Hello world", "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["prompt_tokens"] == 2
+    text = "".join(p["choices"][0]["text"] for p in payloads[:-1])
+    _, _, _, tokenizer = model
+    assert text == solo_greedy(model, tokenizer.encode("Hello world"), 5)
+
+
+def test_twelve_concurrent_requests_each_equal_their_solo_run(model, server, client):
+    """Mixed prompt lengths and settings, 12 at once on 4 slots: greedy ones equal solo
+    `generate`; seeded sampled ones equal the same request sent alone. No compile after
+    warm-up."""
+    rng = np.random.default_rng(0)
+    requests = []
+    for i in range(12):
+        prompt = rng.integers(0, 151000, int(rng.integers(3, 150))).tolist()
+        settings = {}
+        if i % 3 == 1:
+            settings = {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 100 + i,
+                        "presence_penalty": 0.5, "frequency_penalty": 0.3}
+        elif i % 3 == 2:
+            settings = {"temperature": 1.2, "min_p": 0.05, "seed": 200 + i,
+                        "repetition_penalty": 1.2}
+        elif i % 2:
+            settings = {"repetition_penalty": 1.3}
+        requests.append((prompt, int(rng.integers(4, 40)), settings))
+    compiled = server.metric("qwen2_jax:compiled_programs")
+
+    def send(request):
+        prompt, max_tokens, settings = request
+        vllm_only = {k: v for k, v in settings.items()
+                     if k in ("top_k", "min_p", "repetition_penalty")}
+        openai_fields = {k: v for k, v in settings.items() if k not in vllm_only}
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                        extra_body=vllm_only, **openai_fields)
+        return out.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(send, requests))
+    for (prompt, max_tokens, settings), text in zip(requests, together, strict=True):
+        if "temperature" in settings:
+            assert text == send((prompt, max_tokens, settings)), settings
+        else:
+            assert text == solo_greedy(model, prompt, max_tokens, **settings), settings
+    assert server.metric("qwen2_jax:compiled_programs") == compiled
+
+
+def test_stop_strings_are_found_across_tokens_and_never_sent(client):
+    prompt = "The quick brown fox"
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=30,
+                                     logprobs=0).choices[0]
+    pieces = full.logprobs.tokens
+    assert len(pieces) >= 6
+    # a stop string that starts inside token 3 and ends inside token 4
+    start = len("".join(pieces[:3])) - 1
+    stop = full.text[start:start + 3]
+    assert len(stop) == 3
+    expected = full.text[:full.text.find(stop)]
+    for stream in (False, True):
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=30,
+                                          stop=["@@never@@", stop], stream=stream)
+        if stream:
+            chunks = list(reply)
+            text = "".join(c.choices[0].text for c in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = reply.choices[0].text, reply.choices[0].finish_reason
+        assert (text, reason) == (expected, "stop")
+
+
+def test_n_choices_are_seeded_and_distinct(client):
+    def ask():
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=12,
+            temperature=1.0, seed=7)
+        return [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    first = ask()
+    assert len(first) == 3 and len(set(first)) == 3
+    assert ask() == first
+
+
+def test_logprobs_equal_forward_log_softmax(model, client):
+    """echo + logprobs: the prompt's and the generated tokens' log-probabilities, and the
+    top alternatives, equal `forward`'s log-softmax over the whole text."""
+    import qwen2_jax
+
+    _, config, params, tokenizer = model
+    prompt = tokenizer.encode("One two three four five six seven")
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True,
+                                      logprobs=3).choices[0]
+    n = len(reply.logprobs.token_logprobs)
+    generated = n - len(prompt)
+    assert generated == 4
+    ids = prompt + qwen2_jax.generate(config, params, [prompt], 4, vocab_size=TOKENIZER_SIZE)[0]
+    assert reply.text == tokenizer.decode(ids)  # greedy: the server chose these tokens
+    logits = np.array(qwen2_jax.forward(config, params, np.array([ids])))[0]
+    logits[:, TOKENIZER_SIZE:] = -np.inf
+    reference = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    assert reply.logprobs.token_logprobs[0] is None and reply.logprobs.top_logprobs[0] is None
+    for i in range(1, n):
+        np.testing.assert_allclose(reply.logprobs.token_logprobs[i],
+                                   reference[i - 1, ids[i]], rtol=1e-4, atol=1e-4)
+        best = np.sort(reference[i - 1])[::-1][:3]
+        shown = sorted(reply.logprobs.top_logprobs[i].values(), reverse=True)[:3]
+        np.testing.assert_allclose(shown, best, rtol=1e-4, atol=1e-4)
+
+    only_prompt = client.completions.create(model="tiny", prompt=prompt, max_tokens=0,
+                                            echo=True, logprobs=1).choices[0]
+    assert only_prompt.logprobs.token_logprobs == reply.logprobs.token_logprobs[:len(prompt)]
+    assert only_prompt.text == tokenizer.decode(prompt)
+
+
+def test_chat_logprobs(model, client):
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+        logprobs=True, top_logprobs=2).choices[0]
+    entries = reply.logprobs.content
+    assert "".join(e.token for e in entries) == reply.message.content
+    for e in entries:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "max_tokens": 300}, "max_tokens"),  # past --max-model-len 256
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "frobnicate": True}, "frobnicate"),
+    ({"prompt": [151936]}, "prompt"),  # a token id past the vocabulary
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+])
+def test_bad_requests_get_400_naming_the_field(server, body, field):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", **body}, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "BadRequestError" and error["code"] == 400
+    assert error["param"] == field and field in error["message"], error
+
+
+def test_bad_chat_requests_and_other_statuses(server, client):
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "robot",
+                                                                 "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.chat.completions.create(model="tiny", messages=[
+            {"role": "user", "content": "word " * 300}])
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="other"):
+        client.completions.create(model="other", prompt="x", max_tokens=2)
+    for key in ("wrong", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x"},
+                       headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
+    assert get(f"{server.url}/v1/models")[0] == 401
+    status, text = get(f"{server.url}/v1/models", {"Authorization": f"Bearer {KEY}"})
+    assert status == 200 and json.loads(text)["data"][0]["id"] == "tiny"
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    cancelled = server.metric('qwen2_jax:request_success_total{finished_reason="cancelled"}')
+    body = {"model": "tiny", "prompt": "Tell me a long story", "max_tokens": 240,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+    deadline = time.monotonic() + 30
+    while server.metric('qwen2_jax:request_success_total{finished_reason="cancelled"}') \
+            == cancelled:
+        assert time.monotonic() < deadline, "the disconnected request was never cancelled"
+        time.sleep(0.1)
+    assert server.metric("qwen2_jax:num_requests_running") == 0
+
+
+def test_sigterm_drains_running_requests(model, tmp_path, server):
+    """SIGTERM: the running stream still ends with all its tokens, then the server exits 0
+    and takes no new connections."""
+    with running_server(model[0], "--max-batch", "2", "--max-model-len", "256",
+                        "--prefill-chunk", "64", "--served-model-name", "tiny",
+                        "--compile-cache", str(server.compile_cache),
+                        log=tmp_path / "server.log") as second:
+        body = {"model": "tiny", "prompt": "Count to a hundred", "max_tokens": 200,
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{second.url}/v1/completions", json=body,
+                          timeout=120) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            os.kill(second.process.pid, signal.SIGTERM)
+            rest = [json.loads(line[6:]) for line in lines
+                    if line.startswith("data: {")]
+        assert rest[-1]["usage"]["completion_tokens"] == 200
+        assert second.process.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{second.url}/health", timeout=5)
+
+
+def test_queue_full_gets_429_and_warming_up_503(model):
+    """In-process: an engine whose scheduler has not started holds its queue, so the queue
+    fills deterministically."""
+    from starlette.testclient import TestClient
+
+    from qwen2_jax.serve.app import Server, build_app
+    from qwen2_jax.serve.engine import Engine, Sequence, Settings
+
+    _, config, params, tokenizer = model
+    engine = Engine(config, params, max_batch=1, max_model_len=64, max_queue=2)
+    app = build_app(Server(engine, tokenizer, "tiny"))
+    http = TestClient(app)  # no lifespan: the engine never starts
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    assert http.get("/health").status_code == 503
+    warming = http.post("/v1/completions", json=body)
+    assert warming.status_code == 503 and "warming up" in warming.json()["error"]["message"]
+    engine.ready = True
+    engine.submit([Sequence([1], Settings(2), lambda t: None, lambda r, p: None)
+                   for _ in range(2)])
+    full = http.post("/v1/completions", json=body)
+    assert full.status_code == 429, full.text
+    assert full.json()["error"]["type"] == "RateLimitError" and "max-queue" in full.text
