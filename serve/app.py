@@ -37,12 +37,14 @@ DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is s
 class Server:
     """What the routes need: the engine, the tokenizer, the name and the defaults."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, *,
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_names: str | list[str], *,
                  api_keys: list[str] | None = None, defaults: dict | None = None,
                  eos_token_ids: set[int] | None = None, root: str = ""):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.model_name = model_name
+        names = [model_names] if isinstance(model_names, str) else list(model_names)
+        self.model_name = names[0]  # what replies and /v1/models carry
+        self.model_names = set(names)  # what requests may name
         self.api_keys = [k.encode() for k in api_keys or []]
         self.defaults = defaults or {}
         self.eos_token_ids = set(eos_token_ids or ())
@@ -68,9 +70,9 @@ class Server:
 
     def check_model(self, body: dict) -> None:
         name = body.get("model")
-        if name is not None and name != self.model_name:
+        if name is not None and name not in self.model_names:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves "
-                           f"{self.model_name!r}", "model")
+                           f"{' or '.join(map(repr, sorted(self.model_names)))}", "model")
 
     def prompt_ids(self, prompt, field: str = "prompt") -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -52,7 +52,7 @@ class Settings:
     """A request's sampling settings (OpenAI/vLLM names; neutral values switch a step off)."""
 
     max_tokens: int
-    temperature: float = 1.0
+    temperature: float = 0.0  # greedy
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
@@ -297,7 +297,7 @@ class Engine:
         for width in self.widths:
             jax.block_until_ready(self._prefill(0, dummy, np.zeros(width, np.int32), 0, 0))
         self.cache, *scored = step.score_chunk(
-            self.config, self.dtype, self.mesh, self.rules, self.vocab_size, self.params,
+            self.config, self.dtype, self.mesh, self.rules, self.params,
             self.cache, np.int32(0), np.zeros((1, SCORE_CHUNK), np.int32), np.int32(0),
             np.zeros((1, SCORE_CHUNK), np.int32), self._rope_scale([dummy]))
         jax.block_until_ready(scored)
@@ -433,7 +433,7 @@ class Engine:
         if start + SCORE_CHUNK > self.cache_slots:
             raise RuntimeError("score chunk past the cache")  # max_model_len bounds prompts
         self.cache, *scored = step.score_chunk(
-            self.config, self.dtype, self.mesh, self.rules, self.vocab_size, self.params,
+            self.config, self.dtype, self.mesh, self.rules, self.params,
             self.cache, np.int32(index), ids, np.int32(start), target_ids,
             self._rope_scale([slot]))
         logprob, top_ids, top_logprobs = jax.device_get(scored)

@@ -48,12 +48,6 @@ class Chosen(NamedTuple):
     top_logprobs: jnp.ndarray  # float32 [B, TOP_LOGPROBS]
 
 
-def _raw_logprobs(logits: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
-    """log-softmax [B, V] over the tokenizer's ids (embedding padding rows excluded)."""
-    vocab = jnp.arange(logits.shape[-1])
-    return jax.nn.log_softmax(jnp.where(vocab < vocab_size, logits, -jnp.inf), axis=-1)
-
-
 def _filter(x: jnp.ndarray, s: RowSettings) -> jnp.ndarray:
     """Temperature, then top-k, top-p and min-p per row, with transformers' semantics (ties
     with the k-th value stay; top-p keeps the smallest most-likely set reaching p)."""
@@ -85,10 +79,11 @@ def choose(logits: jnp.ndarray, prompt_mask: jnp.ndarray, counts: jnp.ndarray, s
     """The next token of each row from float32 logits [B, V]. prompt_mask bool [B, V]: the
     row's prompt ids; counts int32 [B, V]: how often each id was generated so far."""
     logits = logits.astype(jnp.float32)
-    logprobs = _raw_logprobs(logits, vocab_size)  # [B, V]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]: as forward's, every row
     # Penalties act on the raw logits, as transformers' (the repetition penalty's sign test
-    # is not shift-invariant); the padding rows of the embedding are never chosen.
-    x = jnp.where(jnp.isfinite(logprobs), logits, -jnp.inf)
+    # is not shift-invariant); the embedding's padding rows (ids past the tokenizer's
+    # vocab_size) are never chosen.
+    x = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     seen = prompt_mask | (counts > 0)
     rp = s.repetition_penalty[:, None]
     x = jnp.where(seen, jnp.where(x < 0, x * rp, x / rp), x)
@@ -172,9 +167,9 @@ def decode(config, dtype, mesh, rules, vocab_size, params, cache, state, lengths
     return cache, state, chosen
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "vocab_size"),
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
                    donate_argnames=("cache",))
-def score_chunk(config, dtype, mesh, rules, vocab_size, params, cache, slot, ids, start,
+def score_chunk(config, dtype, mesh, rules, params, cache, slot, ids, start,
                 targets, rope_scale):
     """Like a prefill chunk, but returns the log-probabilities of every position's next
     token `targets` [1, C] (echo: prompt log-probs) and each position's TOP_LOGPROBS. Returns
@@ -183,7 +178,7 @@ def score_chunk(config, dtype, mesh, rules, vocab_size, params, cache, slot, ids
     logits, row_cache = _model(config, dtype, mesh, rules, params, row_cache, ids,
                                jnp.reshape(start, (1,)), None, rope_scale, scan_layers=False)
     cache = _put_rows(cache, row_cache, slot)
-    logprobs = _raw_logprobs(logits[0].astype(jnp.float32), vocab_size)  # [C, V]
+    logprobs = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # [C, V]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
     logprob = jnp.take_along_axis(logprobs, targets[0][:, None], axis=-1)[:, 0]
     return cache, logprob, top_ids.astype(jnp.int32), top_logprobs

@@ -21,6 +21,7 @@ from qwen2_jax.commands.common import (
 from qwen2_jax.commands.generate import YARN_HELP, generation_defaults
 
 NAME = "serve"
+EMBEDDED_REPO = "Qwen/Qwen2.5-Coder-0.5B-Instruct"  # the embedded model's name on its card
 DEFAULT_MAX_MODEL_LEN = 4096
 LOWER = "--max-batch or --max-model-len, or spread the model over more devices with --mesh"
 logger = logging.getLogger("qwen2_jax")
@@ -52,9 +53,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default %(default)s; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
-    parser.add_argument("--served-model-name", default=None, metavar="NAME",
-                        help="the model name clients send and /v1/models lists (default: the "
-                        "model folder's name)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the model name(s) clients may send; /v1/models lists and replies "
+                        "carry the first (default: the model folder's name; for the embedded "
+                        f"model also {EMBEDDED_REPO!r}, as in its model card)")
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on /v1/* (repeat for "
                         "several keys; default: $QWEN2_JAX_API_KEY, else no key)")
@@ -128,11 +130,14 @@ def _serve(args: argparse.Namespace) -> int:
     del params  # the engine keeps its own per-layer copy
     keys = args.api_key or ([os.environ["QWEN2_JAX_API_KEY"]]
                             if os.environ.get("QWEN2_JAX_API_KEY") else [])
-    name = args.served_model_name or os.path.basename(os.path.normpath(model))
-    server = Server(engine, tokenizer, name, api_keys=keys, defaults=defaults,
+    names = args.served_model_name or [os.path.basename(os.path.normpath(model))]
+    if args.served_model_name is None and args.model is None:
+        names = [EMBEDDED_REPO, *names]
+    server = Server(engine, tokenizer, names, api_keys=keys, defaults=defaults,
                     eos_token_ids=eos, root=model)
-    logger.info("serving %s as %r on http://%s:%d (%d slots of %d tokens)", model, name,
-                args.host, args.port, args.max_batch, max_model_len)
+    logger.info("serving %s as %s on http://%s:%d (%d slots of %d tokens)", model,
+                " or ".join(map(repr, names)), args.host, args.port, args.max_batch,
+                max_model_len)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: a
     # drained shutdown is a clean exit (0), not death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
