@@ -51,11 +51,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model: str, *flags: str, log: Path, env: dict | None = None):
-    """`qwen2-jax serve --model MODEL FLAGS...` until the block ends."""
+def running_server(model: str | None, *flags: str, log: Path, env: dict | None = None):
+    """`qwen2-jax serve --model MODEL FLAGS...` (None: the default model) until the block
+    ends."""
     port = free_port()
-    command = [str(SCRIPT), "serve", "--model", model, "--host", "127.0.0.1", "--port",
-               str(port), *flags]
+    command = [str(SCRIPT), "serve", *(["--model", model] if model else []), "--host",
+               "127.0.0.1", "--port", str(port), *flags]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})}, start_new_session=True)

@@ -15,9 +15,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from serving import get, running_server
 
 from conftest import make_hf_model
+from serving import get, running_server
 
 STOPS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 TOKENIZER_SIZE = 151646
