@@ -390,6 +390,7 @@ class Engine:
                     slot.length += 1
                     self.metrics.token_latency.observe(now - slot.last_token_time)
                     self._deliver(index, chosen, index, now)
+            self.metrics.tick()
 
     def _prefill_step(self, index: int) -> None:
         slot = self.slots[index]

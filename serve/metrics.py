@@ -52,15 +52,20 @@ class Metrics:
         self.compiled_programs = lambda: 0
         self._samples: collections.deque = collections.deque()
 
+    def tick(self) -> None:
+        """Records the token count now (the scheduler calls it after each decode step)."""
+        now = time.monotonic()
+        self._samples.append((now, self.generation_tokens))
+        while now - self._samples[0][0] > RATE_WINDOW:
+            self._samples.popleft()
+
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last RATE_WINDOW seconds."""
         now = time.monotonic()
-        self._samples.append((now, self.generation_tokens))
-        while self._samples and now - self._samples[0][0] > RATE_WINDOW:
-            self._samples.popleft()
-        first_time, first_count = self._samples[0]
-        elapsed = now - first_time
-        return (self.generation_tokens - first_count) / elapsed if elapsed > 0 else 0.0
+        recent = [(t, n) for t, n in list(self._samples) if now - t <= RATE_WINDOW]
+        if len(recent) < 2:
+            return 0.0
+        return (recent[-1][1] - recent[0][1]) / (now - recent[0][0])
 
     def render(self, max_slots: int) -> str:
         p = "qwen2_jax:"
