@@ -209,6 +209,21 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
             if left:
                 job.cancel(engine)
 
+    async def finish_events(request: Request, job: Job) -> dict | None:
+        """Waits for every sequence's finish event ({index: event}); None if the client
+        left first."""
+        finished = {}
+        async for event in events(request, job, False):
+            if event[0] == "finish":
+                finished[event[1]] = event
+        return finished if len(finished) == len(job.sequences) else None
+
+    def stream_end(head: dict, job: Job) -> str:
+        """The usage chunk (when asked for), then [DONE]."""
+        usage = _sse({**head, "choices": [], "usage": _usage(job)}) \
+            if job.parsed.include_usage else ""
+        return usage + "data: [DONE]\n\n"
+
     async def completions(request: Request):
         try:
             body = await read_body(request)
@@ -246,17 +261,12 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
                                   "finish_reason": reason}
                     yield _sse({**head, "choices": [choice],
                                 **({"usage": None} if parsed.include_usage else {})})
-                if parsed.include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(job)})
-                yield "data: [DONE]\n\n"
+                yield stream_end(head, job)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        finished = {}
-        async for event in events(request, job, False):
-            if event[0] == "finish":
-                finished[event[1]] = event
-        if len(finished) < len(job.sequences):
+        finished = await finish_events(request, job)
+        if finished is None:
             return JSONResponse({}, status_code=499)  # the client left
         choices = []
         for i, text in enumerate(job.texts):
@@ -322,18 +332,13 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
                             yield _sse(ApiError(500, "the engine failed").body())
                             return
                         yield chunk(i, {"content": rest} if rest else {}, reason)
-                if parsed.include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(job)})
-                yield "data: [DONE]\n\n"
+                yield stream_end(head, job)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        finished = {}
-        async for event in events(request, job, False):
-            if event[0] == "finish":
-                finished[event[1]] = event
-        if len(finished) < len(job.sequences):
-            return JSONResponse({}, status_code=499)
+        finished = await finish_events(request, job)
+        if finished is None:
+            return JSONResponse({}, status_code=499)  # the client left
         choices = []
         for i, text in enumerate(job.texts):
             reason = finished[i][2]

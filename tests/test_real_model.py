@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import real_model_folder
 from qwen2_jax import embedded
 
 pytestmark = pytest.mark.real_model
@@ -59,12 +60,7 @@ class LRUCache:
 
 @pytest.fixture(scope="module")
 def folder() -> str:
-    try:
-        return embedded.default_model(progress=False)
-    except embedded.ModelNotInstalled as e:
-        if os.environ.get("CI"):
-            raise  # CI installs the extra: a missing one is a failure, not a skip
-        pytest.skip(str(e))
+    return real_model_folder()
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
 import subprocess
 
 import pytest
 
-from qwen2_jax import embedded
+from conftest import real_model_folder
 from serving import running_server
 
 pytestmark = pytest.mark.real_model
@@ -22,12 +21,7 @@ STOPS = [151645, 151643]
 
 @pytest.fixture(scope="module")
 def folder() -> str:
-    try:
-        return embedded.default_model(progress=False)
-    except embedded.ModelNotInstalled as e:
-        if os.environ.get("CI"):
-            raise  # CI installs the extra: a missing one is a failure, not a skip
-        pytest.skip(str(e))
+    return real_model_folder()
 
 
 @pytest.fixture(scope="module")
