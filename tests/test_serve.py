@@ -391,3 +391,59 @@ def test_engine_on_a_tensor_parallel_mesh_equals_one_device(model):
             assert run_engine(engine, prompts, 8, temperature=1.0, seed=5) == sampled, spec
         finally:
             engine.stop()
+
+
+def row_settings(batch: int, **values):
+    from qwen2_jax.serve.step import RowSettings
+
+    neutral = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                   presence_penalty=0.0, frequency_penalty=0.0, seed=0, sample_index=0,
+                   token_index=0)
+    dtypes = dict(top_k=np.int32, seed=np.uint32, sample_index=np.int32, token_index=np.int32)
+    return RowSettings(**{k: np.broadcast_to(np.asarray(values.get(k, v), dtypes.get(
+        k, np.float32)), (batch,)).copy() for k, v in neutral.items()})
+
+
+def test_per_row_filters_keep_what_generate_keeps(rng):
+    """The engine's per-row temperature, top-k, top-p and min-p keep exactly the tokens
+    `sampling.process` (generate's, checked against transformers) keeps, each row with its
+    own settings in one batch."""
+    import jax.numpy as jnp
+
+    from qwen2_jax.sampling import Sampling, process
+    from qwen2_jax.serve.step import _filter
+
+    cases = [dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
+             dict(temperature=1.0, min_p=0.1), dict(temperature=0.9, top_k=40, top_p=0.5,
+                                                    min_p=0.02), dict(temperature=1.0)]
+    logits = rng.normal(size=(len(cases), 300)).astype(np.float32) * 3
+    columns = {k: [c.get(k, {"top_k": 0, "top_p": 1.0, "min_p": 0.0}.get(k)) for c in cases]
+               for k in ("temperature", "top_k", "top_p", "min_p")}
+    ours = np.asarray(_filter(jnp.asarray(logits), row_settings(len(cases), **columns)))
+    for row, case in enumerate(cases):
+        expected = np.asarray(process(jnp.asarray(logits[row:row + 1]), jnp.zeros((1, 300), bool),
+                                      Sampling(300, **case)))[0]
+        np.testing.assert_array_equal(np.isfinite(ours[row]), np.isfinite(expected), str(case))
+        kept = np.isfinite(expected)
+        np.testing.assert_allclose(ours[row][kept], expected[kept], rtol=1e-6)
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    """20,000 draws (one per token index) of one row follow softmax(logits / T): the
+    inverse-CDF draw picks each token at its probability, and never a removed one."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2_jax.serve.step import choose
+
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05, 0.0]]))  # the last can never come
+    n = 20000
+    settings = row_settings(1, temperature=1.0, seed=11)
+
+    def draw(i):
+        return choose(logits, jnp.zeros((1, 5), bool), jnp.zeros((1, 5), jnp.int32),
+                      settings._replace(token_index=i[None]), 5).token[0]
+
+    draws = jax.jit(jax.vmap(draw))(jnp.arange(n, dtype=jnp.int32))
+    counts = np.bincount(np.asarray(draws), minlength=5) / n
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05, 0.0], atol=0.015)
