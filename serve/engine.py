@@ -118,6 +118,12 @@ def chunk_widths(prefill_chunk: int) -> list[int]:
     return [*widths, prefill_chunk]
 
 
+def decode_buckets(max_batch: int) -> list[int]:
+    """The compiled decode batch sizes: powers of two below max_batch, and max_batch."""
+    return [b for b in (1 << i for i in range(max_batch.bit_length())) if b < max_batch] + \
+        [max_batch]
+
+
 def plan_chunks(length: int, widths: list[int]) -> list[tuple[int, int]]:
     """(start, width) chunks covering `length` prompt tokens: the narrowest width that holds
     the rest when it is less than twice the rest, else the widest that fits (padding after
@@ -158,6 +164,7 @@ class Engine:
         self.max_queue = max_queue
         self.vocab_size = vocab_size or config.vocab_size
         self.widths = chunk_widths(prefill_chunk)
+        self.buckets = decode_buckets(max_batch)
         self.mesh = mesh if mesh is not None else mesh_of(params)
         self.rules = resolve_rules(rules, self.mesh)
         self.dtype = jnp.dtype(dtype) if dtype is not None else (
@@ -234,7 +241,8 @@ class Engine:
     @staticmethod
     def compiled_programs() -> int:
         """How many programs the engine's jitted functions have compiled (in this process)."""
-        return sum(f._cache_size() for f in (step.prefill_chunk, step.decode, step.score_chunk))
+        return sum(f._cache_size() for f in (step.prefill_chunk, step.decode, step.score_chunk,
+                                             step.move_row))
 
     # -- device state -----------------------------------------------------------------------
 
@@ -301,12 +309,16 @@ class Engine:
             self.cache, np.int32(0), np.zeros((1, SCORE_CHUNK), np.int32), np.int32(0),
             np.zeros((1, SCORE_CHUNK), np.int32), self._rope_scale([dummy]))
         jax.block_until_ready(scored)
-        jax.block_until_ready(self._decode())
+        for n in self.buckets:
+            jax.block_until_ready(self._decode(n))
+        self.cache, self.state = step.move_row(self.cache, self.state, np.int32(0), np.int32(0))
+        jax.block_until_ready(self.cache)
         logger.info("warm-up: %d programs compiled in %.1f s", self.compiled_programs(),
                     time.monotonic() - began)
 
-    def _decode(self):
-        slots = self.slots
+    def _decode(self, n: int):
+        """One decode step over the first n slots."""
+        slots = self.slots[:n]
         lengths = np.array([0 if s is None else s.length for s in slots], np.int32)
         active = np.array([s is not None and not s.chunks for s in slots], bool)
         self.cache, self.state, chosen = step.decode(
@@ -323,6 +335,7 @@ class Engine:
                 while True:
                     with self._wake:
                         self._free_cancelled()
+                        self._compact()
                         self._admit()
                         busy = any(self.slots)
                         if not busy:
@@ -360,6 +373,20 @@ class Engine:
         self.waiting = collections.deque(kept)
         self.metrics.waiting = len(self.waiting)
 
+    def _compact(self) -> None:
+        """Moves the highest busy slots into the holes below them, so requests occupy the
+        lowest slots and a decode step runs only as many rows as the load needs (one row copy
+        per finished request, against a full batch's matmuls every step)."""
+        while True:
+            holes = [i for i, s in enumerate(self.slots) if s is None]
+            busy = [i for i, s in enumerate(self.slots) if s is not None]
+            if not holes or not busy or holes[0] > busy[-1]:
+                return
+            source, target = busy[-1], holes[0]
+            self.cache, self.state = step.move_row(self.cache, self.state,
+                                                   np.int32(source), np.int32(target))
+            self.slots[target], self.slots[source] = self.slots[source], None
+
     def _admit(self) -> None:
         for index, slot in enumerate(self.slots):
             if slot is None and self.waiting:
@@ -378,26 +405,35 @@ class Engine:
         self.metrics.running = sum(s is not None for s in self.slots)
 
     def _iterate(self) -> None:
-        prefilling = [i for i, s in enumerate(self.slots) if s is not None and s.chunks]
-        if prefilling:
+        # Prefill first, up to one chunk's worth of tokens (several short prompts, or one
+        # chunk of a long one), oldest first: new requests get their first token soon, and
+        # running ones wait at most about one chunk.
+        budget = self.widths[-1]
+        while budget > 0:
+            prefilling = [i for i, s in enumerate(self.slots) if s is not None and s.chunks]
+            if not prefilling:
+                break
             oldest = min(prefilling, key=lambda i: self.slots[i].sequence.arrival)
-            self._prefill_step(oldest)
+            budget -= self._prefill_step(oldest)
         if any(s is not None and not s.chunks for s in self.slots):
-            chosen = jax.device_get(self._decode())
+            highest = max(i for i, s in enumerate(self.slots) if s is not None)
+            n = next(b for b in self.buckets if b > highest)
+            chosen = jax.device_get(self._decode(n))
             now = time.monotonic()
-            for index, slot in enumerate(self.slots):
+            for index, slot in enumerate(self.slots[:n]):
                 if slot is not None and not slot.chunks:
                     slot.length += 1
                     self.metrics.token_latency.observe(now - slot.last_token_time)
                     self._deliver(index, chosen, index, now)
             self.metrics.tick()
 
-    def _prefill_step(self, index: int) -> None:
+    def _prefill_step(self, index: int) -> int:
+        """Runs slot `index`'s next prefill (or scoring) chunk; returns its width."""
         slot = self.slots[index]
         prompt = slot.sequence.prompt
         if slot.prompt_logprobs is not None and slot.scored < len(prompt):
             self._score_step(index, slot)
-            return
+            return SCORE_CHUNK
         start, width = slot.chunks.pop(0)
         ids = np.zeros(width, np.int32)
         piece = prompt[start:start + width]
@@ -408,16 +444,17 @@ class Engine:
             # Decode steps write this idle row at slot `length`: the next chunk's first
             # slot, which that chunk overwrites.
             slot.length = start + width
-            return
+            return width
         slot.length = len(prompt)
         if slot.sequence.settings.max_tokens == 0:  # echo only
             self._release(index, "length")
-            return
+            return width
         chosen = jax.device_get(chosen)
         now = time.monotonic()
         self.metrics.time_to_first_token.observe(now - slot.sequence.arrival)
         self.metrics.prompt_tokens += len(prompt)
         self._deliver(index, chosen, 0, now)
+        return width
 
     def _score_step(self, index: int, slot: _Slot) -> None:
         """Echo: the next SCORE_CHUNK prompt positions' log-probs, written into the cache
@@ -431,8 +468,6 @@ class Engine:
         ids[0, :len(piece)] = piece
         target_ids = np.zeros((1, SCORE_CHUNK), np.int32)
         target_ids[0, :len(targets)] = targets
-        if start + SCORE_CHUNK > self.cache_slots:
-            raise RuntimeError("score chunk past the cache")  # max_model_len bounds prompts
         self.cache, *scored = step.score_chunk(
             self.config, self.dtype, self.mesh, self.rules, self.params,
             self.cache, np.int32(index), ids, np.int32(start), target_ids,

@@ -160,17 +160,38 @@ def prefill_chunk(config, dtype, mesh, rules, vocab_size, params, cache, state, 
                    donate_argnames=("cache", "state"))
 def decode(config, dtype, mesh, rules, vocab_size, params, cache, state, lengths, active,
            settings, rope_scale):
-    """One token for every slot: feeds state["token"] [B] at slot lengths[b] and chooses the
-    next. Rows that are not `active` [B] (free, or still in prefill) compute at a slot their
-    own later writes overwrite, and leave their state alone. Returns (cache, state, Chosen)."""
-    logits, cache = _model(config, dtype, mesh, rules, params, cache, state["token"][:, None],
-                           lengths, jnp.zeros_like(lengths), rope_scale, scan_layers=False)
-    chosen = choose(logits, state["prompt_mask"], state["counts"], settings, vocab_size)
-    rows = jnp.arange(lengths.shape[0])
-    state = {"token": jnp.where(active, chosen.token, state["token"]),
-             "prompt_mask": state["prompt_mask"],
-             "counts": state["counts"].at[rows, chosen.token].add(active.astype(jnp.int32))}
+    """One token for each of the first n = len(lengths) slots (the engine keeps its requests
+    in the lowest slots, so a lightly loaded server runs a small batch): feeds
+    state["token"][:n] at slot lengths[b] and chooses the next. Rows that are not `active`
+    [n] (free, or still in prefill) compute at a slot their own later writes overwrite, and
+    leave their state alone. Returns (cache, state, Chosen of [n])."""
+    n = lengths.shape[0]
+    rows_cache = _rows(cache, 0, n)
+    rows_state = {name: value[:n] for name, value in state.items()}
+    logits, rows_cache = _model(config, dtype, mesh, rules, params, rows_cache,
+                                rows_state["token"][:, None], lengths,
+                                jnp.zeros_like(lengths), rope_scale, scan_layers=False)
+    cache = _put_rows(cache, rows_cache, 0)
+    chosen = choose(logits, rows_state["prompt_mask"], rows_state["counts"], settings,
+                    vocab_size)
+    counts = rows_state["counts"].at[jnp.arange(n), chosen.token].add(
+        active.astype(jnp.int32))
+    token = jnp.where(active, chosen.token, rows_state["token"])
+    state = {**state,
+             "token": jax.lax.dynamic_update_slice_in_dim(state["token"], token, 0, 0),
+             "counts": jax.lax.dynamic_update_slice_in_dim(state["counts"], counts, 0, 0)}
     return cache, state, chosen
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "state"))
+def move_row(cache, state, source, target):
+    """Copies slot `source`'s cache rows and decode state into slot `target` (the engine
+    fills the hole a finished request leaves with its last slot)."""
+    cache = _put_rows(cache, _rows(cache, source), target)
+    state = {name: jax.lax.dynamic_update_slice_in_dim(
+        value, jax.lax.dynamic_slice_in_dim(value, source, 1, 0), target, 0)
+        for name, value in state.items()}
+    return cache, state
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
