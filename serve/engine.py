@@ -1,12 +1,15 @@
 """The continuous-batching engine: a fixed set of decode slots and a scheduler thread.
 
 Each slot owns its rows of one preallocated KV cache. The scheduler loop, on its own thread:
-1. frees the slots of finished or cancelled requests, and admits waiting requests into free
-   slots (first come, first served);
-2. runs one prefill chunk of the oldest slot still reading its prompt (chunks are bucketed
-   widths, so a long prompt never stalls the running requests for more than one chunk);
-3. runs one decode step over every slot (one compiled program for any mix of requests) and
-   hands each running request its token.
+1. frees the slots of finished or cancelled requests, moves the highest busy slots down
+   into the holes (busy slots stay the lowest ones), and admits waiting requests into free
+   slots, first come, first served;
+2. prefills, oldest first, up to one chunk's worth of prompt tokens (several short prompts,
+   or one chunk of a long one: a long prompt never stalls running requests for more than
+   one chunk);
+3. runs one decode step over the smallest compiled batch (1, 2, 4, .. max_batch) holding
+   every busy slot, with each row's sampling settings as arrays (one program per batch size
+   for any mix of requests), and hands each running request its token.
 
 Requests talk to the engine through `Sequence`: the engine calls `on_token` with each token
 (returning a finish reason stops it, e.g. a stop string the caller matched) and `on_finish`
