@@ -447,3 +447,19 @@ def test_sampling_draws_from_the_filtered_distribution():
     draws = jax.jit(jax.vmap(draw))(jnp.arange(n, dtype=jnp.int32))
     counts = np.bincount(np.asarray(draws), minlength=5) / n
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05, 0.0], atol=0.015)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--prefill-chunk", "8"], "--prefill-chunk must be >= 16"),
+    (["--port", "70000"], "--port must be in 1..65535"),
+    (["--max-model-len", "100000"], "past the model's position limit"),
+])
+def test_serve_refuses_bad_flags_before_loading(model, flags, message):
+    import subprocess
+
+    from serving import SCRIPT
+
+    out = subprocess.run([str(SCRIPT), "serve", "--model", model[0], *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
