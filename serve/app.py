@@ -224,6 +224,31 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
             if job.parsed.include_usage else ""
         return usage + "data: [DONE]\n\n"
 
+    def sse_stream(request, job, head, parsed, token_choice, final_choice, opening=()):
+        """A streamed job's SSE response: a chunk for each `opening` choice, then one for
+        each token (token_choice(i, piece, info): a choice, or None to send nothing) and for
+        each finished choice (final_choice(i, reason, rest)), then the usage chunk and
+        [DONE]. An engine failure ends the stream with an error event."""
+        usage = {"usage": None} if parsed.include_usage else {}
+
+        async def stream():
+            for choice in opening:
+                yield _sse({**head, "choices": [choice], **usage})
+            async for event in events(request, job, True):
+                if event[0] == "token":
+                    choice = token_choice(*event[1:])
+                else:
+                    _, i, reason, rest, _ = event
+                    if reason == "error":
+                        yield _sse(ApiError(500, "the engine failed").body())
+                        return
+                    choice = final_choice(i, reason, rest)
+                if choice is not None:
+                    yield _sse({**head, "choices": [choice], **usage})
+            yield stream_end(head, job)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
     async def completions(request: Request):
         try:
             body = await read_body(request)
@@ -240,30 +265,18 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
                 "model": server.model_name}
         want_logprobs = parsed.settings["logprobs"] is not None
         if parsed.stream:
-            async def stream():
-                offsets = [0] * len(job.sequences)
-                async for event in events(request, job, True):
-                    if event[0] == "token":
-                        _, i, piece, info = event
-                        if not piece and not want_logprobs:
-                            continue
-                        logprobs = completion_logprobs(server.tokenizer, [info], offsets[i]) \
-                            if want_logprobs else None
-                        offsets[i] += len(piece)
-                        choice = {"index": i, "text": piece, "logprobs": logprobs,
-                                  "finish_reason": None}
-                    else:
-                        _, i, reason, rest, _ = event
-                        if reason == "error":
-                            yield _sse(ApiError(500, "the engine failed").body())
-                            return
-                        choice = {"index": i, "text": rest, "logprobs": None,
-                                  "finish_reason": reason}
-                    yield _sse({**head, "choices": [choice],
-                                **({"usage": None} if parsed.include_usage else {})})
-                yield stream_end(head, job)
+            offsets = [0] * len(job.sequences)
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            def token_choice(i, piece, info):
+                if not piece and not want_logprobs:
+                    return None
+                logprobs = completion_logprobs(server.tokenizer, [info], offsets[i]) \
+                    if want_logprobs else None
+                offsets[i] += len(piece)
+                return {"index": i, "text": piece, "logprobs": logprobs, "finish_reason": None}
+
+            return sse_stream(request, job, head, parsed, token_choice, lambda i, reason, rest: {
+                "index": i, "text": rest, "logprobs": None, "finish_reason": reason})
 
         finished = await finish_events(request, job)
         if finished is None:
@@ -310,31 +323,22 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
         if parsed.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created,
                     "model": server.model_name}
-            usage = {"usage": None} if parsed.include_usage else {}
 
-            def chunk(i, delta, reason=None, logprobs=None):
-                return _sse({**head, "choices": [{"index": i, "delta": delta,
-                                                  "logprobs": logprobs,
-                                                  "finish_reason": reason}], **usage})
+            def delta(i, content, reason=None, logprobs=None):
+                return {"index": i, "delta": content, "logprobs": logprobs,
+                        "finish_reason": reason}
 
-            async def stream():
-                for i in range(len(job.sequences)):
-                    yield chunk(i, {"role": "assistant", "content": ""})
-                async for event in events(request, job, True):
-                    if event[0] == "token":
-                        _, i, piece, info = event
-                        if piece or want_logprobs:
-                            yield chunk(i, {"content": piece}, None, chat_logprobs(
-                                server.tokenizer, [info]) if want_logprobs else None)
-                    else:
-                        _, i, reason, rest, _ = event
-                        if reason == "error":
-                            yield _sse(ApiError(500, "the engine failed").body())
-                            return
-                        yield chunk(i, {"content": rest} if rest else {}, reason)
-                yield stream_end(head, job)
+            def token_choice(i, piece, info):
+                if not piece and not want_logprobs:
+                    return None
+                return delta(i, {"content": piece}, None, chat_logprobs(
+                    server.tokenizer, [info]) if want_logprobs else None)
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return sse_stream(
+                request, job, head, parsed, token_choice,
+                lambda i, reason, rest: delta(i, {"content": rest} if rest else {}, reason),
+                opening=[delta(i, {"role": "assistant", "content": ""})
+                         for i in range(len(job.sequences))])
 
         finished = await finish_events(request, job)
         if finished is None:

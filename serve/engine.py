@@ -34,6 +34,7 @@ from qwen2_jax.decoding import position_limit, unstack_layers
 from qwen2_jax.rope import dynamic_yarn_scale
 from qwen2_jax.serve import step
 from qwen2_jax.serve.metrics import Metrics
+from qwen2_jax.serve.programs import ProgramStore
 from qwen2_jax.sharding import mesh_context, mesh_of, named_sharding, resolve_rules
 
 logger = logging.getLogger("qwen2_jax.serve")
@@ -100,11 +101,20 @@ class Sequence:
         self.cancelled = True
 
 
+# A slot's fixed RowSettings values, in RowSettings' order (all but token_index), and those
+# of an empty row.
+ROW_DTYPES = (np.float32, np.int32, np.float32, np.float32, np.float32, np.float32, np.float32,
+              np.uint32, np.int32)
+NEUTRAL_ROW = (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0)
+
+
 @dataclasses.dataclass(eq=False)
 class _Slot:
     sequence: Sequence
     chunks: list  # remaining prefill chunks: (start, width)
     seed: int
+    prompt_mask: np.ndarray  # bool [V]: the prompt's ids (the repetition penalty's)
+    row: tuple = NEUTRAL_ROW  # its RowSettings values (ROW_DTYPES)
     rope_scale: float = 1.0
     length: int = 0  # tokens in the cache
     prompt_logprobs: list | None = None
@@ -153,7 +163,7 @@ class Engine:
     def __init__(self, config, params, *, max_batch: int = 8, max_model_len: int = 4096,
                  prefill_chunk: int = 512, max_queue: int = 256, vocab_size: int | None = None,
                  dtype=None, mesh=None, rules=None, yarn: str = "dynamic",
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, program_dir: str | None = None):
         if max_batch < 1 or max_model_len < 2 or prefill_chunk < MIN_CHUNK or max_queue < 1:
             raise ValueError("max_batch, max_queue >= 1, max_model_len >= 2, prefill_chunk "
                              f">= {MIN_CHUNK} are required")
@@ -174,7 +184,17 @@ class Engine:
             params["embed_tokens"]["embedding"].dtype)
         self.dynamic_yarn = config.rope_type == "yarn" and yarn == "dynamic"
         self.metrics = metrics or Metrics()
-        self.metrics.compiled_programs = self.compiled_programs
+        # Compiled programs by (name, chunk width or batch size); `program_dir` keeps them
+        # for the next start.
+        self.programs = ProgramStore(program_dir, [jax.devices()[0]] if self.mesh is None
+                                     else list(self.mesh.devices.flat))
+        self.metrics.programs = self.programs
+        self._compiled: dict[tuple[str, int], object] = {}
+        statics = (config, self.dtype, self.mesh, self.rules)
+        self._steps = {"prefill": (step.prefill_chunk, (*statics, self.vocab_size)),
+                       "decode": (step.decode, (*statics, self.vocab_size)),
+                       "score": (step.score_chunk, statics),
+                       "move": (step.move_row, (self.mesh, self.rules))}
         # Per-layer weights (the unrolled decode is ~2x faster on CPU than scanning).
         self.params = unstack_layers(params, config.num_hidden_layers)
         self.slots: list[_Slot | None] = [None] * max_batch
@@ -241,12 +261,6 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    @staticmethod
-    def compiled_programs() -> int:
-        """How many programs the engine's jitted functions have compiled (in this process)."""
-        return sum(f._cache_size() for f in (step.prefill_chunk, step.decode, step.score_chunk,
-                                             step.move_row))
-
     # -- device state -----------------------------------------------------------------------
 
     def _allocate(self) -> None:
@@ -268,67 +282,68 @@ class Engine:
 
     def _settings(self, slots: list[_Slot | None]) -> step.RowSettings:
         """RowSettings arrays for these slots (neutral greedy values for empty ones)."""
-        def column(get, dtype):
-            return np.array([get(s) for s in slots], dtype)
-
-        def field(name, neutral):
-            return lambda s: neutral if s is None else getattr(s.sequence.settings, name)
-
+        table = np.array([NEUTRAL_ROW if s is None else s.row for s in slots],
+                         np.float64)  # [n, 9]: exact for uint32 seeds too
         return step.RowSettings(
-            temperature=column(field("temperature", 0.0), np.float32),
-            top_k=column(field("top_k", 0), np.int32),
-            top_p=column(field("top_p", 1.0), np.float32),
-            min_p=column(field("min_p", 0.0), np.float32),
-            repetition_penalty=column(field("repetition_penalty", 1.0), np.float32),
-            presence_penalty=column(field("presence_penalty", 0.0), np.float32),
-            frequency_penalty=column(field("frequency_penalty", 0.0), np.float32),
-            seed=column(lambda s: 0 if s is None else s.seed, np.uint32),
-            sample_index=column(lambda s: 0 if s is None else s.sequence.sample_index,
-                                np.int32),
-            token_index=column(lambda s: 0 if s is None else s.sequence.generated, np.int32))
+            *(table[:, i].astype(dtype) for i, dtype in enumerate(ROW_DTYPES)),
+            token_index=np.array([0 if s is None else s.sequence.generated for s in slots],
+                                 np.int32))
 
     def _rope_scale(self, slots: list[_Slot | None]):
         if not self.dynamic_yarn:
             return None
         return np.array([1.0 if s is None else s.rope_scale for s in slots], np.float32)
 
-    def _prefill(self, index: int, slot: _Slot, ids: np.ndarray, start: int, last: int):
-        prompt_mask = np.zeros(self.config.vocab_size, bool)
-        prompt_mask[slot.sequence.prompt] = True
-        self.cache, self.state, chosen = step.prefill_chunk(
-            self.config, self.dtype, self.mesh, self.rules, self.vocab_size, self.params,
-            self.cache, self.state, np.int32(index), ids[None], np.int32(start), np.int32(last),
-            prompt_mask, self._settings([slot]), self._rope_scale([slot]))
-        return chosen
+    def _program(self, name: str, size: int, args: tuple):
+        """The compiled step program `name` for chunk width or batch size `size`: compiled,
+        or read from the store, on first use (every one during warm-up)."""
+        program = self._compiled.get((name, size))
+        if program is None:
+            fn, static = self._steps[name]
+            program = self.programs.get(f"{name}-{size}", fn, static, args)
+            self._compiled[(name, size)] = program
+        return program
 
-    def _warm_up(self) -> None:
-        """Runs every program once on slot 0 (its results are overwritten by real use)."""
-        began = time.monotonic()
-        dummy = _Slot(Sequence([0], Settings(1), lambda t: None, lambda r, p: None), [], 0)
-        for width in self.widths:
-            jax.block_until_ready(self._prefill(0, dummy, np.zeros(width, np.int32), 0, 0))
-        self.cache, *scored = step.score_chunk(
-            self.config, self.dtype, self.mesh, self.rules, self.params,
-            self.cache, np.int32(0), np.zeros((1, SCORE_CHUNK), np.int32), np.int32(0),
-            np.zeros((1, SCORE_CHUNK), np.int32), self._rope_scale([dummy]))
-        jax.block_until_ready(scored)
-        for n in self.buckets:
-            jax.block_until_ready(self._decode(n))
-        self.cache, self.state = step.move_row(self.cache, self.state, np.int32(0), np.int32(0))
-        jax.block_until_ready(self.cache)
-        logger.info("warm-up: %d programs compiled in %.1f s", self.compiled_programs(),
-                    time.monotonic() - began)
+    def _run_program(self, name: str, size: int, args: tuple):
+        return self._program(name, size, args)(*args)
 
-    def _decode(self, n: int):
-        """One decode step over the first n slots."""
+    def _prefill_args(self, index: int, slot: _Slot, ids: np.ndarray, start: int,
+                      last: int) -> tuple:
+        return (self.params, self.cache, self.state, np.int32(index), ids[None],
+                np.int32(start), np.int32(last), slot.prompt_mask, self._settings([slot]),
+                self._rope_scale([slot]))
+
+    def _score_args(self, index: int, slot: _Slot, ids: np.ndarray, start: int,
+                    targets: np.ndarray) -> tuple:
+        return (self.params, self.cache, np.int32(index), ids, np.int32(start), targets,
+                self._rope_scale([slot]))
+
+    def _decode_args(self, n: int) -> tuple:
         slots = self.slots[:n]
         lengths = np.array([0 if s is None else s.length for s in slots], np.int32)
         active = np.array([s is not None and not s.chunks for s in slots], bool)
-        self.cache, self.state, chosen = step.decode(
-            self.config, self.dtype, self.mesh, self.rules, self.vocab_size, self.params,
-            self.cache, self.state, lengths, active, self._settings(slots),
-            self._rope_scale(slots))
-        return chosen
+        return (self.params, self.cache, self.state, lengths, active, self._settings(slots),
+                self._rope_scale(slots))
+
+    def _move_args(self, source: int, target: int) -> tuple:
+        return self.cache, self.state, np.int32(source), np.int32(target)
+
+    def _warm_up(self) -> None:
+        """Compiles, or reads from the store, every program a request can need."""
+        began = time.monotonic()
+        dummy = _Slot(Sequence([0], Settings(1), lambda t: None, lambda r, p: None), [], 0,
+                      prompt_mask=np.zeros(self.config.vocab_size, bool))
+        ids = np.zeros((1, SCORE_CHUNK), np.int32)
+        for width in self.widths:
+            self._program("prefill", width,
+                          self._prefill_args(0, dummy, np.zeros(width, np.int32), 0, 0))
+        self._program("score", SCORE_CHUNK, self._score_args(0, dummy, ids, 0, ids))
+        for n in self.buckets:
+            self._program("decode", n, self._decode_args(n))
+        self._program("move", 1, self._move_args(0, 0))
+        logger.info("warm-up: %d programs ready in %.1f s (%d compiled, %d read from %s)",
+                    len(self._compiled), time.monotonic() - began, self.programs.compiled,
+                    self.programs.loaded, self.programs.folder)
 
     # -- the scheduler ----------------------------------------------------------------------
 
@@ -386,8 +401,8 @@ class Engine:
             if not holes or not busy or holes[0] > busy[-1]:
                 return
             source, target = busy[-1], holes[0]
-            self.cache, self.state = step.move_row(self.cache, self.state,
-                                                   np.int32(source), np.int32(target))
+            self.cache, self.state = self._run_program("move", 1,
+                                                       self._move_args(source, target))
             self.slots[target], self.slots[source] = self.slots[source], None
 
     def _admit(self) -> None:
@@ -396,8 +411,13 @@ class Engine:
                 sequence = self.waiting.popleft()
                 s = sequence.settings
                 seed = s.seed if s.seed is not None else int(self._seeds.integers(2**32))
+                prompt_mask = np.zeros(self.config.vocab_size, bool)
+                prompt_mask[sequence.prompt] = True
                 new = _Slot(sequence, plan_chunks(len(sequence.prompt), self.widths),
-                            seed % 2**32)
+                            seed % 2**32, prompt_mask)
+                new.row = (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
+                           s.presence_penalty, s.frequency_penalty, new.seed,
+                           sequence.sample_index)
                 if self.dynamic_yarn:
                     new.rope_scale = float(dynamic_yarn_scale(
                         self.config, [len(sequence.prompt) + s.max_tokens])[0])
@@ -421,7 +441,9 @@ class Engine:
         if any(s is not None and not s.chunks for s in self.slots):
             highest = max(i for i, s in enumerate(self.slots) if s is not None)
             n = next(b for b in self.buckets if b > highest)
-            chosen = jax.device_get(self._decode(n))
+            self.cache, self.state, chosen = self._run_program("decode", n,
+                                                               self._decode_args(n))
+            chosen = jax.device_get(chosen)
             now = time.monotonic()
             for index, slot in enumerate(self.slots[:n]):
                 if slot is not None and not slot.chunks:
@@ -442,7 +464,8 @@ class Engine:
         piece = prompt[start:start + width]
         ids[:len(piece)] = piece
         last = len(prompt) - 1 - start if start + width >= len(prompt) else -1
-        chosen = self._prefill(index, slot, ids, start, last)
+        self.cache, self.state, chosen = self._run_program(
+            "prefill", width, self._prefill_args(index, slot, ids, start, last))
         if last < 0:
             # Decode steps write this idle row at slot `length`: the next chunk's first
             # slot, which that chunk overwrites.
@@ -471,10 +494,8 @@ class Engine:
         ids[0, :len(piece)] = piece
         target_ids = np.zeros((1, SCORE_CHUNK), np.int32)
         target_ids[0, :len(targets)] = targets
-        self.cache, *scored = step.score_chunk(
-            self.config, self.dtype, self.mesh, self.rules, self.params,
-            self.cache, np.int32(index), ids, np.int32(start), target_ids,
-            self._rope_scale([slot]))
+        self.cache, *scored = self._run_program(
+            "score", SCORE_CHUNK, self._score_args(index, slot, ids, start, target_ids))
         logprob, top_ids, top_logprobs = jax.device_get(scored)
         n = slot.sequence.settings.logprobs or 0
         for i in range(len(targets)):

@@ -11,6 +11,8 @@ import bisect
 import collections
 import time
 
+from qwen2_jax.serve.programs import xla_compilations
+
 # Seconds; vLLM's buckets for time-to-first-token and inter-token latency.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -49,7 +51,7 @@ class Metrics:
         self.finished: dict[str, int] = {}
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
         self.token_latency = Histogram(TOKEN_BUCKETS)
-        self.compiled_programs = lambda: 0
+        self.programs = None  # the engine's ProgramStore
         self._samples: collections.deque = collections.deque()
 
     def tick(self) -> None:
@@ -90,10 +92,17 @@ class Metrics:
             f"# TYPE {p}request_success_total counter",
             *(f'{p}request_success_total{{finished_reason="{reason}"}} {count}'
               for reason, count in sorted(self.finished.items())),
-            f"# HELP {p}compiled_programs Programs the engine has compiled (flat after "
-            "warm-up).",
+            f"# HELP {p}compiled_programs Engine programs compiled by this process (flat "
+            "after warm-up).",
             f"# TYPE {p}compiled_programs gauge",
-            f"{p}compiled_programs {self.compiled_programs()}",
+            f"{p}compiled_programs {getattr(self.programs, 'compiled', 0)}",
+            f"# HELP {p}loaded_programs Engine programs read from --compile-cache.",
+            f"# TYPE {p}loaded_programs gauge",
+            f"{p}loaded_programs {getattr(self.programs, 'loaded', 0)}",
+            f"# HELP {p}xla_compilations_total XLA compilations in this process, the "
+            "engine's and any other.",
+            f"# TYPE {p}xla_compilations_total counter",
+            f"{p}xla_compilations_total {xla_compilations()}",
             f"# HELP {p}time_to_first_token_seconds From arrival to the first token.",
             f"# TYPE {p}time_to_first_token_seconds histogram",
             *self.time_to_first_token.lines(f"{p}time_to_first_token_seconds"),

@@ -18,7 +18,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax.attention import CACHE_AXES
 from qwen2_jax.decoding import _model
+from qwen2_jax.sharding import named_sharding
 
 TOP_LOGPROBS = 20  # OpenAI's maximum top_logprobs; computed every step (a cheap top-k)
 
@@ -115,6 +117,21 @@ def choose(logits: jnp.ndarray, prompt_mask: jnp.ndarray, counts: jnp.ndarray, s
     return Chosen(token, logprob, top_ids.astype(jnp.int32), top_logprobs)
 
 
+def _placed(mesh, rules, cache: dict, state: dict | None = None):
+    """The cache split as CACHE_AXES and the decode state replicated, as the engine allocates
+    them: each program hands the next its inputs placed as that one was compiled for (left to
+    itself, XLA may return another layout, which a compiled program refuses)."""
+    if mesh is None:
+        return cache, state
+
+    def place(x, axes):
+        return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
+
+    cache = jax.tree.map(lambda c: place(c, CACHE_AXES), cache)
+    state = None if state is None else jax.tree.map(lambda x: place(x, ()), state)
+    return cache, state
+
+
 def _rows(cache: dict, slot, count: int = 1) -> dict:
     return {name: tuple(jax.lax.dynamic_slice_in_dim(c, slot, count, axis=0) for c in layers)
             for name, layers in cache.items()}
@@ -153,7 +170,7 @@ def prefill_chunk(config, dtype, mesh, rules, vocab_size, params, cache, state, 
              "prompt_mask": set_row(state["prompt_mask"], mask),
              "counts": set_row(state["counts"], jax.nn.one_hot(
                  chosen.token, mask.shape[-1], dtype=jnp.int32))}
-    return cache, state, chosen
+    return *_placed(mesh, rules, cache, state), chosen
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "vocab_size"),
@@ -180,18 +197,18 @@ def decode(config, dtype, mesh, rules, vocab_size, params, cache, state, lengths
     state = {**state,
              "token": jax.lax.dynamic_update_slice_in_dim(state["token"], token, 0, 0),
              "counts": jax.lax.dynamic_update_slice_in_dim(state["counts"], counts, 0, 0)}
-    return cache, state, chosen
+    return *_placed(mesh, rules, cache, state), chosen
 
 
-@functools.partial(jax.jit, donate_argnames=("cache", "state"))
-def move_row(cache, state, source, target):
+@functools.partial(jax.jit, static_argnames=("mesh", "rules"), donate_argnames=("cache", "state"))
+def move_row(mesh, rules, cache, state, source, target):
     """Copies slot `source`'s cache rows and decode state into slot `target` (the engine
     fills the hole a finished request leaves with its last slot)."""
     cache = _put_rows(cache, _rows(cache, source), target)
     state = {name: jax.lax.dynamic_update_slice_in_dim(
         value, jax.lax.dynamic_slice_in_dim(value, source, 1, 0), target, 0)
         for name, value in state.items()}
-    return cache, state
+    return _placed(mesh, rules, cache, state)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
@@ -204,7 +221,7 @@ def score_chunk(config, dtype, mesh, rules, params, cache, slot, ids, start,
     row_cache = _rows(cache, slot)
     logits, row_cache = _model(config, dtype, mesh, rules, params, row_cache, ids,
                                jnp.reshape(start, (1,)), None, rope_scale, scan_layers=False)
-    cache = _put_rows(cache, row_cache, slot)
+    cache, _ = _placed(mesh, rules, _put_rows(cache, row_cache, slot))
     logprobs = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # [C, V]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
     logprob = jnp.take_along_axis(logprobs, targets[0][:, None], axis=-1)[:, 0]

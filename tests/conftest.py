@@ -7,6 +7,14 @@ import os
 # Eight CPU devices for the mesh tests; set before anything imports jax.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# One persistent compilation cache for the run, its xdist workers and the command-line
+# subprocesses the tests start: many tests compile the same programs (tiny models of the same
+# shapes, the CLI's train steps), and jax keys its cache by the program itself, so a hit is
+# always the same program. Kept in .pytest_cache between local runs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+    "jax-compile-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import copy
 

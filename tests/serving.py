@@ -49,38 +49,55 @@ class Server:
                 return float(line.split()[-1])
         return 0.0
 
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
 
-@contextlib.contextmanager
-def running_server(model: str | None, *flags: str, log: Path, env: dict | None = None):
-    """`qwen2-jax serve --model MODEL FLAGS...` (None: the default model) until the block
-    ends."""
+    def wait_ready(self) -> None:
+        """Until /health answers 200; fails with the log's tail if the server exits or takes
+        longer than STARTUP seconds."""
+        deadline = time.monotonic() + STARTUP
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited with {self.process.returncode}:\n"
+                                     f"{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server did not get ready:\n{self.tail()}")
+            with contextlib.suppress(OSError):
+                status, _ = get(f"{self.url}/health")
+                self.statuses.append(status)
+                if status == 200:
+                    return
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM to its process group, then SIGKILL after 30 s."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_server(model: str | None, *flags: str, log: Path, env: dict | None = None) -> Server:
+    """`qwen2-jax serve --model MODEL FLAGS...` (None: the default model) on a free port, not
+    waited for (see Server.wait_ready)."""
     port = free_port()
     command = [str(SCRIPT), "serve", *(["--model", model] if model else []), "--host",
                "127.0.0.1", "--port", str(port), *flags]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})}, start_new_session=True)
-    server = Server(process, f"http://127.0.0.1:{port}", log, [])
+    return Server(process, f"http://127.0.0.1:{port}", log, [])
+
+
+@contextlib.contextmanager
+def running_server(model: str | None, *flags: str, log: Path, env: dict | None = None):
+    """A started server, ready, until the block ends; always stopped."""
+    server = start_server(model, *flags, log=log, env=env)
     try:
-        deadline = time.monotonic() + STARTUP
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited with {process.returncode}:\n"
-                                     f"{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server did not get ready:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                status, _ = get(f"{server.url}/health")
-                server.statuses.append(status)
-                if status == 200:
-                    break
-            time.sleep(0.2)
+        server.wait_ready()
         yield server
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        server.stop()

@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
 import time
 
 import httpx
@@ -17,7 +18,7 @@ import openai
 import pytest
 
 from conftest import make_hf_model
-from serving import get, running_server
+from serving import free_port, get, running_server
 
 STOPS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 TOKENIZER_SIZE = 151646
@@ -68,12 +69,15 @@ def solo_greedy(model, prompt_ids, max_tokens, **settings) -> str:
 
 
 def test_warm_up_answers_503_then_every_program_is_compiled(server):
-    """/health said 503 while the server compiled, and the compile cache holds the engine's
-    programs (a restart reads them instead of compiling)."""
+    """/health said 503 while the server compiled, and the compile cache holds every engine
+    program: prefill chunks of 16 and 64, scoring, decode batches of 1, 2 and 4, the row
+    move (test_sigterm_drains_running_requests restarts from them)."""
     assert 503 in server.statuses and server.statuses[-1] == 200
-    names = os.listdir(server.compile_cache)
-    for program in ("jit_prefill_chunk", "jit_decode", "jit_score_chunk"):
-        assert any(n.startswith(program) for n in names), names
+    names = sorted(n.rsplit("-", 1)[0] for n in os.listdir(server.compile_cache))
+    assert names == sorted(["prefill-16", "prefill-64", "score-64", "decode-1", "decode-2",
+                            "decode-4", "move-1"])
+    assert server.metric("qwen2_jax:compiled_programs") == 7
+    assert server.metric("qwen2_jax:loaded_programs") == 0
 
 
 def test_chat_streamed_and_not_equals_generate(model, client):
@@ -137,7 +141,7 @@ def test_twelve_concurrent_requests_each_equal_their_solo_run(model, server, cli
         elif i % 2:
             settings = {"repetition_penalty": 1.3}
         requests.append((prompt, int(rng.integers(4, 40)), settings))
-    compiled = server.metric("qwen2_jax:compiled_programs")
+    compilations = server.metric("qwen2_jax:xla_compilations_total")
 
     def send(request):
         prompt, max_tokens, settings = request
@@ -155,7 +159,7 @@ def test_twelve_concurrent_requests_each_equal_their_solo_run(model, server, cli
             assert text == send((prompt, max_tokens, settings)), settings
         else:
             assert text == solo_greedy(model, prompt, max_tokens, **settings), settings
-    assert server.metric("qwen2_jax:compiled_programs") == compiled
+    assert server.metric("qwen2_jax:xla_compilations_total") == compilations
 
 
 def test_stop_strings_are_found_across_tokens_and_never_sent(client):
@@ -292,17 +296,24 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert server.metric("qwen2_jax:num_requests_running") == 0
 
 
-def test_sigterm_drains_running_requests(model, tmp_path, server):
-    """SIGTERM: the running stream still ends with all its tokens, then the server exits 0
-    and takes no new connections."""
-    with running_server(model[0], "--max-batch", "2", "--max-model-len", "256",
-                        "--prefill-chunk", "64", "--served-model-name", "tiny",
-                        "--compile-cache", str(server.compile_cache),
+def test_restart_reads_its_programs_and_sigterm_drains(model, tmp_path, server):
+    """A second server with the same flags and compile cache reads every program instead of
+    compiling one, and answers as `generate`. SIGTERM: the running stream still ends with
+    all its tokens, then the server exits 0 and takes no new connections."""
+    with running_server(model[0], *FLAGS, "--compile-cache", str(server.compile_cache),
                         log=tmp_path / "server.log") as second:
+        assert second.metric("qwen2_jax:loaded_programs") == 7
+        assert second.metric("qwen2_jax:compiled_programs") == 0
+        _, _, _, tokenizer = model
+        reply = httpx.post(f"{second.url}/v1/completions", timeout=60,
+                           headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": "tiny", "prompt": "Hello world", "max_tokens": 8})
+        assert reply.json()["choices"][0]["text"] == solo_greedy(
+            model, tokenizer.encode("Hello world"), 8)
         body = {"model": "tiny", "prompt": "Count to a hundred", "max_tokens": 200,
                 "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", f"{second.url}/v1/completions", json=body,
-                          timeout=120) as r:
+        with httpx.stream("POST", f"{second.url}/v1/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: "))
             os.kill(second.process.pid, signal.SIGTERM)
@@ -364,8 +375,10 @@ def run_engine(engine, prompts: list[list[int]], max_tokens: int, **settings) ->
 
 
 def test_engine_on_a_tensor_parallel_mesh_equals_one_device(model):
-    """Meshes over the 8 test devices (tensor parallel, with data or fsdp): the same greedy tokens as solo `generate` on one
-    device, and the same seeded samples as the engine on one device."""
+    """A mesh over the 8 test devices (tensor parallel over 4, the slots split over 2): the
+    same greedy tokens as solo `generate` on one device, and the same seeded samples as the
+    engine on one device. Every program hands the next its inputs placed as that one was
+    compiled for (a mismatch would fail the call)."""
     import qwen2_jax
     from qwen2_jax.serve.engine import Engine
     from qwen2_jax.sharding import make_mesh
@@ -380,17 +393,16 @@ def test_engine_on_a_tensor_parallel_mesh_equals_one_device(model):
     single.start()
     sampled = run_engine(single, prompts, 8, temperature=1.0, seed=5)
     single.stop()
-    for spec in ("data=4,tensor=2", "fsdp=2,tensor=4"):
-        mesh = make_mesh(spec)
-        _, sharded = qwen2_jax.load(folder, mesh=mesh)
-        engine = Engine(config, sharded, max_batch=4, max_model_len=128, prefill_chunk=64,
-                        vocab_size=TOKENIZER_SIZE, mesh=mesh)
-        engine.start()
-        try:
-            assert run_engine(engine, prompts, 8) == expected, spec
-            assert run_engine(engine, prompts, 8, temperature=1.0, seed=5) == sampled, spec
-        finally:
-            engine.stop()
+    mesh = make_mesh("data=2,tensor=4")
+    _, sharded = qwen2_jax.load(folder, mesh=mesh)
+    engine = Engine(config, sharded, max_batch=4, max_model_len=128, prefill_chunk=64,
+                    vocab_size=TOKENIZER_SIZE, mesh=mesh)
+    engine.start()
+    try:
+        assert run_engine(engine, prompts, 8) == expected
+        assert run_engine(engine, prompts, 8, temperature=1.0, seed=5) == sampled
+    finally:
+        engine.stop()
 
 
 def row_settings(batch: int, **values):
@@ -456,10 +468,33 @@ def test_sampling_draws_from_the_filtered_distribution():
     (["--max-model-len", "100000"], "past the model's position limit"),
 ])
 def test_serve_refuses_bad_flags_before_loading(model, flags, message):
+    port = [] if "--port" in flags else ["--port", str(free_port())]
+    out = serve_command(model, *flags, *port)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_serve_refuses_a_taken_port_and_an_unwritable_compile_cache(model, tmp_path):
+    """Both found before the model loads, with the flag named (exit 2, no traceback)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        out = serve_command(model, "--port", port)
+    assert out.returncode == 2 and f"--port {port}: cannot listen there" in out.stderr, \
+        out.stderr
+    assert "Traceback" not in out.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = serve_command(model, "--port", str(free_port()), "--compile-cache",
+                        str(blocker / "cache"))
+    assert out.returncode == 2 and "--compile-cache" in out.stderr and \
+        "not a writable folder" in out.stderr, out.stderr
+
+
+def serve_command(model, *flags: str):
     import subprocess
 
     from serving import SCRIPT
 
-    out = subprocess.run([str(SCRIPT), "serve", "--model", model[0], *flags],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
+    return subprocess.run([str(SCRIPT), "serve", "--model", model[0], *flags],
+                          capture_output=True, text=True, timeout=120)

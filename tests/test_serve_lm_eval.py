@@ -55,29 +55,22 @@ embedding's padding rows, raises every token's log p by -log(1 - p(padding rows)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import make_hf_model
+from serving import start_server
 
 NAME = "tiny-qwen2"  # --served-model-name, and lm-eval's model=
 TASK = "qwen2jax_tiny_mc"
 RTOL = 1e-4  # per-choice loglikelihoods, ours against transformers'
-STARTUP = 240  # seconds for the server's load and warm-up compiles on a busy 2-core machine
 LM_EVAL_TIMEOUT = 300  # seconds for one lm_eval run
-SERVER = Path(sys.executable).parent / "qwen2-jax"
 
 # (question, choices, index of the right one): plain and non-ASCII choices of 1 to 12
 # characters, so that acc (raw loglikelihood) and acc_norm (per character) pick differently.
@@ -144,62 +137,11 @@ def task_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _health(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
-
-
-class Server:
-    """`qwen2-jax serve` as a subprocess on a free port; `ready()` waits for /health 200."""
-
-    def __init__(self, model: Path, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                [str(SERVER), "serve", "--model", str(model), "--host", "127.0.0.1", "--port",
-                 str(port), "--served-model-name", NAME],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.started = time.monotonic()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def ready(self) -> None:
-        statuses = []
-        while (status := _health(self.url)) != 200:
-            statuses.append(status)
-            assert self.process.poll() is None, (
-                f"the server exited with {self.process.returncode}:\n{self.tail()}")
-            assert time.monotonic() - self.started < STARTUP, (
-                f"/health not 200 after {STARTUP} s (saw {sorted(set(statuses), key=str)}):\n"
-                f"{self.tail()}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """Started here, not waited for: its warm-up overlaps the transformers reference run."""
-    server = Server(model_dir, tmp_path_factory.mktemp("serve") / "server.log")
+    server = start_server(str(model_dir), "--served-model-name", NAME, "--no-compile-cache",
+                          log=tmp_path_factory.mktemp("serve") / "server.log")
     try:
         yield server
     finally:
@@ -251,7 +193,7 @@ def hf_reference(model_dir, task_dir, tmp_path_factory):
 def test_lm_eval_local_completions_matches_hf(server, hf_reference, model_dir, task_dir,
                                               tmp_path):
     hf_results, hf_samples = hf_reference
-    server.ready()
+    server.wait_ready()
     model_args = ",".join([f"model={NAME}", f"base_url={server.url}/v1/completions",
                            "num_concurrent=1", "max_retries=1", f"tokenizer={model_dir}",
                            "tokenizer_backend=huggingface", "tokenized_requests=True"])

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from conftest import real_model_folder
@@ -17,6 +18,7 @@ from serving import running_server
 pytestmark = pytest.mark.real_model
 
 STOPS = [151645, 151643]
+MODEL = "Qwen2.5-Coder-0.5B-Instruct"  # the default model's folder name, one of its names
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +76,15 @@ def test_the_model_card_curl(server, ours):
     assert "Paris" in text
 
 
-def test_concurrent_chats_equal_their_solo_runs(server, ours):
+@pytest.fixture(scope="module")
+def client(server):
     import openai
 
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
-                           timeout=600)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                         timeout=600)
+
+
+def test_concurrent_chats_equal_their_solo_runs(client, ours):
     questions = ["Write a Python function that reverses a string.",
                  "What does HTTP status 404 mean?",
                  "Explain recursion in one sentence. " * 6,
@@ -89,7 +95,7 @@ def test_concurrent_chats_equal_their_solo_runs(server, ours):
                    extra_body={"top_k": 20, "repetition_penalty": 1.05})
 
     def ask(messages, settings):
-        reply = client.chat.completions.create(model="Qwen2.5-Coder-0.5B-Instruct",
+        reply = client.chat.completions.create(model=MODEL,
                                                messages=messages, max_tokens=24, **settings)
         return reply.choices[0].message.content
 
@@ -99,3 +105,88 @@ def test_concurrent_chats_equal_their_solo_runs(server, ours):
     for messages, text in zip(chats, together, strict=False):
         assert text == greedy_answer(ours, messages, 24)[0]
     assert together[-1] == ask(chats[0], sampled)  # alone
+
+
+def log_softmax(logits):
+    """In float64: a float32 np.logaddexp.reduce over 151,936 logits drifts by ~1e-2."""
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+
+
+def test_completions_logprobs_stream_and_stop_strings(client, ours):
+    """A raw completion, greedy, with echo: its tokens are `generate`'s, and its log-probs
+    and top alternatives are `forward`'s log-softmax. Streamed, the same text. A stop string
+    that spans two tokens ends it just before, unsent."""
+    import qwen2_jax
+
+    config, params, tokenizer = ours
+    prompt = tokenizer.encode("def fibonacci(n):\n")
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, echo=True,
+                                      logprobs=3).choices[0]
+    generated = qwen2_jax.generate(config, params, [prompt], 12, stop_token_ids=STOPS,
+                                   vocab_size=len(tokenizer))[0]
+    ids = prompt + generated
+    assert reply.text == tokenizer.decode(ids) and len(generated) == 12
+    logits = np.array(qwen2_jax.forward(config, params, np.array([ids])))[0]
+    reference = log_softmax(logits)
+    shown = reply.logprobs
+    assert len(shown.token_logprobs) == len(ids) and shown.token_logprobs[0] is None
+    for i in range(1, len(ids)):
+        np.testing.assert_allclose(shown.token_logprobs[i], reference[i - 1, ids[i]],
+                                   rtol=1e-4, atol=3e-4)
+        best = np.sort(reference[i - 1])[::-1][:3]
+        np.testing.assert_allclose(sorted(shown.top_logprobs[i].values(), reverse=True)[:3],
+                                   best, rtol=1e-4, atol=3e-4)
+
+    text = tokenizer.decode(generated)
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+    pieces = shown.tokens[len(prompt):]
+    start = len("".join(pieces[:4])) - 1  # from the last character of token 4 into token 5
+    stop = text[start:start + 3]
+    assert len(stop) == 3, pieces
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                    stop=[stop]).choices[0]
+    assert (cut.text, cut.finish_reason) == (text[:text.find(stop)], "stop")
+
+
+def test_n_sampled_choices_and_streamed_chat(client, ours):
+    """n=2, sampled with a seed: two different answers, the same two again on a repeat. A
+    streamed chat: the role first, generate's greedy answer, the finish reason last."""
+    def sample():
+        reply = client.completions.create(model=MODEL, prompt="A random animal name:", n=2,
+                                          max_tokens=8, temperature=1.5, seed=11)
+        return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    first = sample()
+    assert len(first) == 2 and first[0] != first[1]
+    assert sample() == first
+
+    messages = [{"role": "user", "content": "Name a Python keyword."}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages,
+                                                 max_tokens=16, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    expected, stopped = greedy_answer(ours, messages, 16)
+    assert text == expected
+    assert chunks[-1].choices[0].finish_reason == ("stop" if stopped else "length")
+
+
+def test_bad_requests_on_the_real_model(server):
+    """400 for a request past --max-model-len (1024) and for an unknown field, each named;
+    404 for a model the server does not serve."""
+    import httpx
+
+    def post(body):
+        return httpx.post(f"{server.url}/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": "def f():", **body})
+
+    for body, field in (({"max_tokens": 2000}, "max_tokens"),
+                        ({"max_tokens": 4, "best_guess": 1}, "best_guess")):
+        r = post(body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    r = post({"model": "Qwen/Qwen2.5-72B-Instruct"})
+    assert r.status_code == 404 and "Qwen2.5-72B" in r.json()["error"]["message"], r.text

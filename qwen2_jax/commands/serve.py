@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import signal
+import socket
+import tempfile
 
 from qwen2_jax.commands.common import (
     MESH_HELP,
@@ -19,6 +21,7 @@ from qwen2_jax.commands.common import (
     stage,
 )
 from qwen2_jax.commands.generate import YARN_HELP, generation_defaults
+from qwen2_jax.embedded import cache_dir
 
 NAME = "serve"
 EMBEDDED_REPO = "Qwen/Qwen2.5-Coder-0.5B-Instruct"  # the embedded model's name on its card
@@ -39,8 +42,9 @@ runs: greedy output equals `qwen2_jax.generate`, and a seeded request gives the 
 alone or in any batch. Sampling settings the request leaves out come from the model's
 generation_config.json (greedy without one, or unless it says do_sample).
 
-Warm-up compiles every program before /health turns 200; --compile-cache keeps them on disk
-so a restart warms up faster. SIGTERM or Ctrl-C drains: no new connections, running requests
+Warm-up compiles every program before /health turns 200. --compile-cache keeps the compiled
+programs on disk: a restart with the same model, flags, devices and qwen2-jax version reads
+them back instead of tracing and compiling. SIGTERM or Ctrl-C drains: no new connections, running requests
 finish, then the server exits."""
 
 
@@ -75,8 +79,10 @@ def add_parser(sub) -> None:
     engine.add_argument("--yarn", choices=("dynamic", "static"), default="dynamic",
                         help=YARN_HELP)
     engine.add_argument("--compile-cache", default=None, metavar="DIR",
-                        help="persistent compilation cache (default: jax-compile-cache in the "
-                        "qwen2-jax cache folder, $QWEN2_JAX_CACHE or ~/.cache/qwen2-jax)")
+                        help="keeps the compiled programs here, so that a restart with the "
+                        "same model, flags and devices reads them instead of tracing and "
+                        "compiling (default: compiled-programs in the qwen2-jax cache "
+                        "folder, $QWEN2_JAX_CACHE or ~/.cache/qwen2-jax)")
     engine.add_argument("--no-compile-cache", action="store_true",
                         help="compile from scratch at every start")
     add_mesh_args(parser, processes=False,
@@ -93,11 +99,12 @@ def _serve(args: argparse.Namespace) -> int:
     check_at_least(args, 16, "prefill_chunk")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    import jax
+    listener = bind(args.host, args.port)  # before the model loads: a taken port fails now
+    program_dir = None if args.no_compile_cache else writable_folder(
+        args.compile_cache or os.path.join(cache_dir(), "compiled-programs"))
     import uvicorn
 
     import qwen2_jax
-    from qwen2_jax import embedded
     from qwen2_jax.decoding import position_limit
     from qwen2_jax.serve.app import Server, build_app
     from qwen2_jax.serve.engine import Engine
@@ -115,18 +122,13 @@ def _serve(args: argparse.Namespace) -> int:
     eos = set(settings.pop("stop_token_ids"))
     eos.update(i for i in (tokenizer.special_id("eos_token"),) if i is not None)
     defaults = {k: v for k, v in settings.items() if k != "max_new_tokens" and v is not None}
-    if not args.no_compile_cache:
-        folder = args.compile_cache or os.path.join(embedded.cache_dir(), "jax-compile-cache")
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     mesh, rules = mesh_from_args(args)
     with stage("loading the model"):
         config, params = qwen2_jax.load(model, mesh=mesh, rules=rules)
     engine = Engine(config, params, max_batch=args.max_batch, max_model_len=max_model_len,
                     prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                     vocab_size=min(len(tokenizer), config.vocab_size), mesh=mesh,
-                    rules=rules, yarn=args.yarn)
+                    rules=rules, yarn=args.yarn, program_dir=program_dir)
     del params  # the engine keeps its own per-layer copy
     keys = args.api_key or ([os.environ["QWEN2_JAX_API_KEY"]]
                             if os.environ.get("QWEN2_JAX_API_KEY") else [])
@@ -141,7 +143,34 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: a
     # drained shutdown is a clean exit (0), not death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=None)
+    http = uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning",
+                                         timeout_graceful_shutdown=None))
+    http.run(sockets=[listener])
+    if not http.started:
+        raise RuntimeError("the HTTP server did not start (see the log above)")
     logger.info("stopped")
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn (SO_REUSEADDR, as uvicorn binds)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as e:
+        raise UsageError(f"--host {host} --port {port}: cannot listen there "
+                         f"({e.strerror or e}); pick a free --port") from None
+    return listener
+
+
+def writable_folder(folder: str) -> str:
+    """`folder`, created if needed, after checking that files can be written there."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UsageError(f"--compile-cache {folder}: not a writable folder "
+                         f"({e.strerror or e}); pass another, or --no-compile-cache") from None
+    return folder
