@@ -489,6 +489,7 @@ def test_serve_refuses_a_taken_port_and_an_unwritable_compile_cache(model, tmp_p
                         str(blocker / "cache"))
     assert out.returncode == 2 and "--compile-cache" in out.stderr and \
         "not a writable folder" in out.stderr, out.stderr
+    assert blocker.read_text() == "" and list(tmp_path.iterdir()) == [blocker]
 
 
 def serve_command(model, *flags: str):
@@ -498,3 +499,26 @@ def serve_command(model, *flags: str):
 
     return subprocess.run([str(SCRIPT), "serve", "--model", model[0], *flags],
                           capture_output=True, text=True, timeout=120)
+
+
+def test_an_unreadable_program_file_is_compiled_again_and_replaced(tmp_path, caplog):
+    """A truncated file in --compile-cache (a killed write, another jaxlib) is not an error:
+    the store warns, compiles, and writes a good file in its place."""
+    import jax
+
+    from qwen2_jax.serve.programs import ProgramStore
+
+    double = jax.jit(lambda x: x * 2)
+    args = (np.arange(4, dtype=np.float32),)
+    ProgramStore(str(tmp_path), [jax.devices()[0]]).get("double", double, (), args)
+    (path,) = tmp_path.glob("double-*.xla")
+    path.write_bytes(path.read_bytes()[:100])
+    store = ProgramStore(str(tmp_path), [jax.devices()[0]])
+    program = store.get("double", double, (), args)
+    assert (store.compiled, store.loaded) == (1, 0)
+    assert "unreadable" in caplog.text and "compiling it again" in caplog.text
+    np.testing.assert_array_equal(program(*args), [0, 2, 4, 6])
+    again = ProgramStore(str(tmp_path), [jax.devices()[0]])
+    again.get("double", double, (), args)
+    assert (again.compiled, again.loaded) == (0, 1)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
