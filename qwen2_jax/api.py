@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from qwen2_jax import quantize as quant
 from qwen2_jax.checkpoint import orbax_io
 from qwen2_jax.checkpoint.hf_io import CheckpointError, open_checkpoint, read_hf_params
 from qwen2_jax.checkpoint.output import INCOMPLETE_MARKER
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.layers import check_token_ids
+from qwen2_jax.layers import check_token_ids, compute_dtype
 from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import REMAT_POLICIES, Qwen2ForCausalLM
 from qwen2_jax.sharding import (
@@ -54,7 +55,8 @@ def resolve_dtype(dtype: str | None, stored: str | None) -> jnp.dtype:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,
-         rules=None) -> tuple[Qwen2Config, dict]:
+         rules=None, quantize: str | None = None,
+         quantize_embeddings: bool = False) -> tuple[Qwen2Config, dict]:
     """Reads a model folder into (config, params).
 
     path: a Hugging Face folder (config.json and *.safetensors: one file, or shards with
@@ -66,32 +68,87 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
     each process reads from disk only the slices (HF) or chunks (Orbax) its own devices hold.
     Any `jax.make_mesh` mesh works (see `sharding`: missing axes, other names, Explicit axes).
     None: one device.
+
+    quantize: "int8" | "int4" | None: every projection weight-only quantized (`quantize.py`)
+    as it is read, one parameter at a time, so the float model is never whole in memory;
+    quantize_embeddings: the embedding (and lm_head) too. An Orbax folder written by
+    `convert --quantize` is restored as it was quantized (quantize may then be omitted).
     """
     folder = os.fspath(path)
     start = time.perf_counter()
+    quant.check_mode(quantize)
+    if quantize is None and quantize_embeddings:
+        raise ValueError("quantize_embeddings needs quantize='int8' or 'int4'")
     if os.path.exists(os.path.join(folder, INCOMPLETE_MARKER)):
         raise CheckpointError(f"{folder}: incomplete: left by an interrupted qwen2-jax convert, "
                               "export or save; write it again")
     if orbax_io.is_orbax_folder(folder):
-        stored = orbax_io.read_metadata(folder)["dtype"]
+        metadata = orbax_io.read_metadata(folder)
+        stored, stored_quant = metadata["dtype"], metadata.get("quantize")
         config = Qwen2Config.from_file(folder)
         target = resolve_dtype(dtype, stored)
-        abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, target, sharding=s),
-                                _placement(config, mesh, rules),
-                                nn.meta.unbox(_abstract_params(config)))
-        params = jax.block_until_ready(orbax_io.restore_params(folder, abstract))
+        if stored_quant is not None:
+            wanted = {"weights": quantize or stored_quant["weights"],
+                      "embeddings": quantize_embeddings or stored_quant["embeddings"]}
+            if wanted != stored_quant:
+                raise ValueError(f"{folder} is quantized as {stored_quant}; it cannot be loaded "
+                                 f"as {wanted} (load its float source instead)")
+            quantize, quantize_embeddings = stored_quant["weights"], stored_quant["embeddings"]
+            params = orbax_io.restore_params(folder, _abstract_arrays(
+                config, target, mesh, rules, quantize, quantize_embeddings))
+        elif quantize is None:
+            params = orbax_io.restore_params(folder, _abstract_arrays(config, target, mesh,
+                                                                      rules))
+        else:  # each float parameter restored alone, then quantized
+            quantizer = _Quantizer(config, mesh, rules, quantize, quantize_embeddings)
+            params = quant.map_params(
+                _abstract_arrays(config, target, mesh, rules),
+                lambda path, abstract: quantizer(path, orbax_io.restore_one(folder, path,
+                                                                             abstract)))
+        params = jax.block_until_ready(params)
         release_freed_memory()
-        logger.info("loaded %s (Orbax, %s) in %.1f s", folder, stored,
-                    time.perf_counter() - start)
+        logger.info("loaded %s (Orbax, %s%s) in %.1f s", folder, stored,
+                    f", {quantize}" if quantize else "", time.perf_counter() - start)
         return config, params
     config, ckpt, _ = open_checkpoint(folder)
+    quantizer = None
+    if quantize is not None:
+        quantizer = _Quantizer(config, mesh, rules, quantize, quantize_embeddings)
     params, bytes_read = read_hf_params(ckpt, np.dtype(resolve_dtype(dtype, config.dtype)),
-                                        _placement(config, mesh, rules))
+                                        _placement(config, mesh, rules), quantizer)
     jax.block_until_ready(params)
     release_freed_memory()
-    logger.info("loaded %s: read %.1f MB in %.1f s", folder, bytes_read / 1e6,
-                time.perf_counter() - start)
+    logger.info("loaded %s: read %.1f MB in %.1f s%s", folder, bytes_read / 1e6,
+                time.perf_counter() - start, f", quantized {quantize}" if quantize else "")
     return config, params
+
+
+class _Quantizer:
+    """Turns one float parameter into its quantized arrays (`quantize.quantize_param`), placed
+    as `param_shardings` of the quantized tree; parameters that stay float pass through."""
+
+    def __init__(self, config, mesh, rules, mode: str, embeddings: bool):
+        self.mode, self.embeddings = mode, embeddings
+        self.axes = param_logical_axes(config)
+        self.placement = _placement(config, mesh, rules, mode, embeddings)
+
+    def __call__(self, path: tuple[str, ...], array: jax.Array) -> dict:
+        if not quant.quantizes(path, self.embeddings):
+            return {path[-1]: array}
+        lead = quant.stacked_dims(_at(self.axes, path))
+        node = _at(self.placement, path[:-1])
+        names = ("qembedding" if path[-1] == "embedding" else "qkernel", "qscale")
+        shardings = {name: node[name] for name in names}
+        out = jax.jit(quant.quantize_param, static_argnums=(0, 2, 3), out_shardings=shardings)(
+            path, array, lead, self.mode)
+        array.delete()  # the float weight goes now, not at the next collection
+        return out
+
+
+def _at(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def release_freed_memory() -> None:
@@ -127,32 +184,52 @@ def init(config: Qwen2Config, rng: jax.Array, dtype: str = "float32", mesh: Mesh
         return jax.jit(init_params, out_shardings=_placement(config, mesh, rules))(rng)
 
 
-def _abstract_params(config: Qwen2Config) -> dict:
-    """Params as shapes with their logical-axis boxes, without allocating."""
+def _abstract_params(config: Qwen2Config, quantize: str | None = None,
+                     quantize_embeddings: bool = False) -> dict:
+    """Params as shapes with their logical-axis boxes, without allocating; quantized as
+    `load(quantize=...)` gives them."""
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(Qwen2ForCausalLM(config).init, jax.random.key(0), ids, ids, ids,
-                          ids)["params"]
+    boxed = jax.eval_shape(Qwen2ForCausalLM(config).init, jax.random.key(0), ids, ids, ids,
+                           ids)["params"]
+    if quantize is None:
+        return boxed
+    return quant.quantize_abstract(boxed, quantize, quantize_embeddings)
 
 
-def param_logical_axes(config: Qwen2Config) -> dict:
+def _abstract_arrays(config: Qwen2Config, target, mesh, rules, quantize: str | None = None,
+                     quantize_embeddings: bool = False) -> dict:
+    """ShapeDtypeStructs placed for restoring: float params in `target`, quantized ones as
+    they are stored (int8/uint8 values, float32 scales)."""
+    boxed = nn.meta.unbox(_abstract_params(config, quantize, quantize_embeddings))
+    placement = _placement(config, mesh, rules, quantize, quantize_embeddings)
+    return quant.map_params(boxed, lambda path, x: {path[-1]: jax.ShapeDtypeStruct(
+        x.shape, target if quant.is_float_param(path) else x.dtype,
+        sharding=_at(placement, path))})
+
+
+def param_logical_axes(config: Qwen2Config, quantize: str | None = None,
+                       quantize_embeddings: bool = False) -> dict:
     """The logical axis names of every parameter (same tree as the params), without allocating."""
-    return nn.get_partition_spec(_abstract_params(config))
+    return nn.get_partition_spec(_abstract_params(config, quantize, quantize_embeddings))
 
 
-def param_shardings(config: Qwen2Config, mesh: Mesh, rules=None) -> dict:
+def param_shardings(config: Qwen2Config, mesh: Mesh, rules=None, quantize: str | None = None,
+                    quantize_embeddings: bool = False) -> dict:
     """The NamedSharding of every parameter on `mesh` under `rules` (same tree as the params)."""
     rules = resolve_rules(rules, mesh)
-    boxed = _abstract_params(config)
+    boxed = _abstract_params(config, quantize, quantize_embeddings)
     return jax.tree.map(lambda box: named_sharding(box.names, box.value.shape, mesh, rules),
                         boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def _placement(config: Qwen2Config, mesh: Mesh | None, rules) -> dict:
+def _placement(config: Qwen2Config, mesh: Mesh | None, rules, quantize: str | None = None,
+               quantize_embeddings: bool = False) -> dict:
     """param_shardings, or every parameter on the first device when there is no mesh."""
     if mesh is not None:
-        return param_shardings(config, mesh, rules)
+        return param_shardings(config, mesh, rules, quantize, quantize_embeddings)
     device = SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda _: device, param_logical_axes(config),
+    return jax.tree.map(lambda _: device,
+                        param_logical_axes(config, quantize, quantize_embeddings),
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
@@ -225,7 +302,7 @@ def forward(config: Qwen2Config, params: dict, input_ids, attention_mask=None, *
         input_ids, token_mask, segment_ids, positions = (
             None if x is None else shard_input(x, mesh, ("batch", "length"), rules)
             for x in (input_ids, token_mask, segment_ids, positions))
-    dtype = jnp.dtype(dtype) if dtype is not None else params["embed_tokens"]["embedding"].dtype
+    dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype(params)
     if moe_dispatch not in ("sorted", "dense"):
         raise ValueError(f"moe_dispatch {moe_dispatch!r} is not 'sorted' or 'dense'")
     if output_router_logits and not any(config.sparse_layers):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qwen2_jax import blockwise
+from qwen2_jax import blockwise, quantize
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import Dtype, Linear
 from qwen2_jax.rope import apply_rope
@@ -98,7 +98,8 @@ class Attention(nn.Module):
         With a cache (keys, values [B, K, S, H], or [L, B, K, S, H] with this layer at index
         `layer`): the new keys and values go into slots cache_index[b] .. cache_index[b] +
         T - 1 of row b, in place, the queries attend over the slots up to their own, and the
-        result is ([B, T, D], the updated cache).
+        result is ([B, T, D], the updated cache). An int8 cache is (keys, values, their scales
+        [B, K, S] or [L, B, K, S]): one scale per token and head (`quantize.quantize_kv`).
         """
         c = self.config
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
@@ -116,9 +117,18 @@ class Attention(nn.Module):
         key = constrain(jnp.swapaxes(key, 1, 2), KV_AXES)  # [B, K, T, H]
         value = constrain(jnp.swapaxes(value, 1, 2), KV_AXES)  # [B, K, T, H]
         if cache is not None:
-            cache = tuple(write_slots(c_, new.astype(c_.dtype), cache_index, layer)
-                          for c_, new in zip(cache, (key, value), strict=True))
-            key, value = (this_layer(c_, layer).astype(self.dtype) for c_ in cache)  # [B, K, S, H]
+            if len(cache) == 4:  # int8, with scales
+                (key_q, key_s), (value_q, value_s) = map(quantize.quantize_kv, (key, value))
+                new = (key_q, value_q, key_s, value_s)
+            else:
+                new = (key, value)
+            cache = tuple(write_slots(c_, n.astype(c_.dtype), cache_index, layer)
+                          for c_, n in zip(cache, new, strict=True))
+            key, value = (this_layer(c_, layer) for c_ in cache[:2])  # [B, K, S, H]
+            if len(cache) == 4:
+                key, value = (quantize.dequantize_kv(c_, this_layer(s_, layer), self.dtype)
+                              for c_, s_ in zip((key, value), cache[2:], strict=True))
+            key, value = key.astype(self.dtype), value.astype(self.dtype)
         q_offset = jnp.zeros(x.shape[0], jnp.int32) if cache is None else cache_index
         out = attend(q, key, value, q_offset, segments, window,
                      whole_sequence=cache is None)  # [B, T, N, H]
@@ -130,22 +140,26 @@ class Attention(nn.Module):
 def write_slots(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray,
                 layer: jnp.ndarray | None = None) -> jnp.ndarray:
     """cache [B, K, S, H] (or [L, B, K, S, H], written at `layer`) with new [B, K, T, H] at
-    slots start[b] .. start[b] + T - 1 of each row."""
+    slots start[b] .. start[b] + T - 1 of each row; or an int8 cache's scales, without H."""
+    axes = CACHE_AXES[:new.ndim]
     if layer is None:
         def row(c, n, i):
             return jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
 
-        return constrain(jax.vmap(row)(cache, new, start), CACHE_AXES)
+        return constrain(jax.vmap(row)(cache, new, start), axes)
 
     # Row by row: a vmap over B, the second axis, would make XLA transpose the whole cache.
     def row(b, c):
-        return jax.lax.dynamic_update_slice(c, new[b][None, None], (layer, b, 0, start[b], 0))
+        at = (layer, b, 0, start[b]) + (0,) * (new.ndim - 3)
+        return jax.lax.dynamic_update_slice(c, new[b][None, None], at)
 
-    return constrain(jax.lax.fori_loop(0, new.shape[0], row, cache), ("layers", *CACHE_AXES))
+    return constrain(jax.lax.fori_loop(0, new.shape[0], row, cache), ("layers", *axes))
 
 
 def this_layer(cache: jnp.ndarray, layer: jnp.ndarray | None) -> jnp.ndarray:
-    """The [B, K, S, H] cache of `layer` (the cache itself when it is one layer's)."""
+    """The [B, K, S, H] cache (or [B, K, S] scales) of `layer` (the cache itself when it is
+    one layer's)."""
     if layer is None:
         return cache
-    return constrain(jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False), CACHE_AXES)
+    return constrain(jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False),
+                     CACHE_AXES[:cache.ndim - 1])

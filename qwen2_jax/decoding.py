@@ -25,8 +25,9 @@ from jax.experimental import io_callback
 
 from qwen2_jax import attention
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.layers import check_token_ids
+from qwen2_jax.layers import check_token_ids, compute_dtype
 from qwen2_jax.model import Qwen2ForCausalLM
+from qwen2_jax.quantize import KV_CACHE_DTYPES
 from qwen2_jax.rope import dynamic_yarn_scale
 from qwen2_jax.sampling import Sampling, choose
 from qwen2_jax.sharding import (
@@ -53,15 +54,33 @@ def bucket(n: int) -> int:
 
 
 def init_cache(config: Qwen2Config, batch: int, slots: int, dtype, mesh=None,
-               rules=None) -> dict:
+               rules=None, kv_cache_dtype: str = "auto") -> dict:
     """An empty cache {"k", "v"}: [L, B, K, S, H] in `dtype`, sharded over batch and kv heads
-    on `mesh` (rules as everywhere). kv-head major: see `blockwise.attention`."""
+    on `mesh` (rules as everywhere). kv-head major: see `blockwise.attention`.
+    kv_cache_dtype "int8": int8 keys and values, and float32 "k_scale", "v_scale" [L, B, K, S]
+    (one a token and head; `quantize.quantize_kv`): half of bfloat16's bytes."""
     shape = (config.num_hidden_layers, batch, config.num_key_value_heads, slots,
              config.head_size)
-    sharding = None if mesh is None else named_sharding(CACHE_AXES, shape, mesh,
-                                                        resolve_rules(rules, mesh))
-    # Created in place, shard by shard (no per-call jit to compile).
-    return {name: jnp.zeros(shape, dtype, device=sharding) for name in ("k", "v")}
+    check_kv_cache_dtype(kv_cache_dtype)
+    int8 = kv_cache_dtype == "int8"
+    specs = {"k": (shape, jnp.int8 if int8 else dtype), "v": (shape, jnp.int8 if int8 else dtype)}
+    if int8:
+        specs |= {name: (shape[:-1], jnp.float32) for name in ("k_scale", "v_scale")}
+    rules = None if mesh is None else resolve_rules(rules, mesh)
+
+    def zeros(shape, dtype):
+        sharding = None if mesh is None else named_sharding(CACHE_AXES[:len(shape)], shape,
+                                                            mesh, rules)
+        # Created in place, shard by shard (no per-call jit to compile).
+        return jnp.zeros(shape, dtype, device=sharding)
+
+    return {name: zeros(*spec) for name, spec in specs.items()}
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES} "
+                         "(auto: the compute dtype)")
 
 
 def unstack_layers(params: dict, layers: int) -> dict:
@@ -214,7 +233,8 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
              min_p: float | None = None, repetition_penalty: float | None = None,
              stop_token_ids=None, seed: int = 0, *, vocab_size: int | None = None, dtype=None,
              mesh=None, rules=None, on_tokens=None, allow_long: bool = False,
-             prefill_chunk: int = PREFILL_CHUNK, yarn: str | None = None) -> list[list[int]]:
+             prefill_chunk: int = PREFILL_CHUNK, yarn: str | None = None,
+             kv_cache_dtype: str = "auto") -> list[list[int]]:
     """Generated token ids per prompt (prompt and stop token excluded), as DESIGN.md.
 
     prompts: token-id lists, ragged. temperature 0: greedy; else sampling with top_k, top_p,
@@ -228,7 +248,8 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
     prompt). yarn: for a config with YaRN rope_scaling, "dynamic" (None: the default) gives
     each prompt the factor its own length needs (`rope.dynamic_yarn_scale`: plain RoPE when
     prompt plus max_new_tokens fit the original context), "static" the config's factor for
-    every prompt, as transformers and vLLM do.
+    every prompt, as transformers and vLLM do. kv_cache_dtype: "auto" (the compute dtype) or
+    "int8" (see `init_cache`).
     """
     global _stream_sink
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -242,6 +263,7 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
     check_length(config, lengths, max_new_tokens, allow_long)
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
+    check_kv_cache_dtype(kv_cache_dtype)
     yarn = "dynamic" if yarn is None else yarn
     if yarn not in YARN_MODES:
         raise ValueError(f"yarn must be one of {YARN_MODES}, got {yarn!r}")
@@ -262,14 +284,14 @@ def generate(config: Qwen2Config, params: dict, prompts: list[list[int]], max_ne
         seen[row, prompt] = True
     mesh = mesh if mesh is not None else mesh_of(params)
     rules = resolve_rules(rules, mesh)
-    dtype = jnp.dtype(dtype) if dtype is not None else params["embed_tokens"]["embedding"].dtype
+    dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype(params)
     stops = np.unique(np.asarray(list(stop_token_ids or []) or [-1], np.int32))
 
     if mesh is not None:
         ids = shard_input(ids, mesh, ("batch", "length"), rules)
         seen = shard_input(seen, mesh, ("batch", "vocab"), rules)
     with mesh_context(mesh):
-        cache = init_cache(config, batch, slots, dtype, mesh, rules)
+        cache = init_cache(config, batch, slots, dtype, mesh, rules, kv_cache_dtype)
         logits, cache = prefill(config, dtype, mesh, rules, params, cache, ids,
                                 jnp.asarray(lengths), chunk, rope_scale)
         _stream_sink = on_tokens

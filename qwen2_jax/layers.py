@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2_jax import quantize
 from qwen2_jax.sharding import constrain
 
 Dtype = Any
@@ -19,6 +20,11 @@ def precision(dtype: Dtype) -> jax.lax.Precision | None:
     """Float32 compute means float32 matmuls: without HIGHEST, GPUs use TF32 and TPUs bf16
     passes (~1e-2 off transformers' float32). Other dtypes keep the backend's default."""
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def compute_dtype(params: dict) -> jnp.dtype:
+    """The float dtype params were loaded in (the final norm's: never quantized)."""
+    return params["norm"]["scale"].dtype
 
 
 def logical_param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
@@ -58,7 +64,8 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, name: str) -> None:
 
 
 class Embedding(nn.Module):
-    """A [V, D] table: looked up for input ids, or multiplied for logits (the lm_head)."""
+    """A [V, D] table: looked up for input ids, or multiplied for logits (the lm_head).
+    Given `qembedding` and `qscale` instead of `embedding`, a quantized one (`quantize.py`)."""
 
     vocab_size: int
     hidden_size: int
@@ -67,14 +74,24 @@ class Embedding(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
+        if self.has_variable("params", "qembedding"):
+            self.quantized = (self.get_variable("params", "qembedding"),  # [V, D] or [V, D/2]
+                              self.get_variable("params", "qscale"))  # [V] or [V, D/GROUP]
+            return
+        self.quantized = None
         self.embedding = logical_param(self, "embedding", nn.initializers.normal(self.init_std),
                                        (self.vocab_size, self.hidden_size), ("vocab", "embed"),
                                        self.param_dtype)
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:  # [B, T] -> [B, T, D]
+        if self.quantized is not None:
+            return quantize.quantized_lookup(*self.quantized, ids, self.dtype)
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:  # [B, T, D] -> float32 [B, T, V]
+        if self.quantized is not None:
+            return quantize.quantized_attend(x, *self.quantized, self.dtype,
+                                             precision(self.dtype))
         return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype),
                           preferred_element_type=jnp.float32, precision=precision(self.dtype))
 
@@ -83,7 +100,8 @@ class Linear(nn.Module):
     """`x @ kernel (+ bias)` over the trailing input dims of x; kernel is [*in, *features].
 
     Storing the kernel split by head (q: [D, N, H], o: [N, H, D]) lets tensor parallelism over
-    heads be a sharding rule instead of a reshape.
+    heads be a sharding rule instead of a reshape. Given `qkernel` and `qscale` instead of
+    `kernel`, a weight-only quantized one (`quantize.py`).
     """
 
     features: tuple[int, ...]
@@ -96,12 +114,17 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         n_in = len(self.axes) - len(self.features)
-        shape = (*x.shape[x.ndim - n_in:], *self.features)
-        kernel = logical_param(self, "kernel", nn.initializers.normal(self.init_std), shape,
-                               self.axes, self.param_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                (contract, ((), ())), precision=precision(self.dtype))
+        if self.has_variable("params", "qkernel"):
+            y = quantize.quantized_dot(x, self.get_variable("params", "qkernel"),
+                                       self.get_variable("params", "qscale"), n_in, self.dtype,
+                                       precision(self.dtype))
+        else:
+            shape = (*x.shape[x.ndim - n_in:], *self.features)
+            kernel = logical_param(self, "kernel", nn.initializers.normal(self.init_std), shape,
+                                   self.axes, self.param_dtype)
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                    (contract, ((), ())), precision=precision(self.dtype))
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros, self.features,
                                  self.axes[n_in:], self.param_dtype)

@@ -39,6 +39,9 @@ REMAT_POLICIES = {
 }
 
 
+CACHE_NAMES = ("k", "v", "k_scale", "v_scale")  # the order `Attention` takes them in
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: `h = x + attn(norm(x))`, `y = h + mlp(norm(h))`; the MLP is the sparse
     MoE block when `sparse`."""
@@ -89,7 +92,8 @@ class Qwen2ForCausalLM(nn.Module):
     parameters. `rope_scale` [B]: each row's YaRN factor (dynamic YaRN, `rope.py`); None:
     the config's.
 
-    With `cache` ({"k", "v"}: [L, B, K, S, H], see `decoding.init_cache`) and `cache_index` [B], row b's
+    With `cache` ({"k", "v"}: [L, B, K, S, H], and "k_scale", "v_scale" [L, B, K, S] for an int8
+    cache; see `decoding.init_cache`) and `cache_index` [B], row b's
     tokens are its next ones: at positions cache_index[b] + t, written into those cache slots,
     attending to every slot before (`positions`, `token_mask` and `segment_ids` are then
     ignored); returns (logits, updated cache). `logits_at` [B]: logits only at that index of
@@ -120,6 +124,7 @@ class Qwen2ForCausalLM(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
 
         per_layer_cache = cache is not None and isinstance(cache["k"], tuple | list)
+        cache_names = None if cache is None else tuple(n for n in CACHE_NAMES if n in cache)
         segments = None
         if cache is not None:
             positions = cache_index[:, None] + jnp.arange(input_ids.shape[1])  # [B, T]
@@ -139,7 +144,8 @@ class Qwen2ForCausalLM(nn.Module):
         # differing ones are scanned over with the layers.
         uniform = len(set(windows)) == 1
         static_window = windows[0] if uniform else 0
-        layer_cache = None if cache is None else (cache["k"], cache["v"])  # [L, B, K, S, H]
+        # [L, B, K, S, H] keys and values (and [L, B, K, S] scales)
+        layer_cache = None if cache is None else tuple(cache[n] for n in cache_names)
         sparse = c.sparse_layers
         if self.scan_layers and c.uniform_layers:
             layers = nn.scan(
@@ -158,7 +164,7 @@ class Qwen2ForCausalLM(nn.Module):
         else:  # a Python loop; layer i's cache is layer_cache[.][i]: [B, K, S, H]
             updated = []
             for i in range(c.num_hidden_layers):
-                this_cache = None if cache is None else (layer_cache[0][i], layer_cache[1][i])
+                this_cache = None if cache is None else tuple(c_[i] for c_ in layer_cache)
                 (x, this_cache), _ = layer(c, self.dtype, self.param_dtype, sparse[i],
                                            self.moe_dispatch, windows[i], name=f"layers_{i}")(
                     (x, this_cache), (None, None), cos, sin, segments, cache_index)
@@ -177,4 +183,4 @@ class Qwen2ForCausalLM(nn.Module):
             logits = logits[:, 0]  # [B, V]
         if cache is None:
             return logits
-        return logits, {"k": layer_cache[0], "v": layer_cache[1]}
+        return logits, dict(zip(cache_names, layer_cache, strict=True))

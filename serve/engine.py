@@ -31,6 +31,7 @@ import numpy as np
 
 from qwen2_jax import attention
 from qwen2_jax.decoding import position_limit, unstack_layers
+from qwen2_jax.layers import compute_dtype
 from qwen2_jax.rope import dynamic_yarn_scale
 from qwen2_jax.serve import step
 from qwen2_jax.serve.metrics import Metrics
@@ -180,8 +181,7 @@ class Engine:
         self.buckets = decode_buckets(max_batch)
         self.mesh = mesh if mesh is not None else mesh_of(params)
         self.rules = resolve_rules(rules, self.mesh)
-        self.dtype = jnp.dtype(dtype) if dtype is not None else (
-            params["embed_tokens"]["embedding"].dtype)
+        self.dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype(params)
         self.dynamic_yarn = config.rope_type == "yarn" and yarn == "dynamic"
         self.metrics = metrics or Metrics()
         # Compiled programs by (name, chunk width or batch size); `program_dir` keeps them

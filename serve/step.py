@@ -127,7 +127,7 @@ def _placed(mesh, rules, cache: dict, state: dict | None = None):
     def place(x, axes):
         return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
 
-    cache = jax.tree.map(lambda c: place(c, CACHE_AXES), cache)
+    cache = jax.tree.map(lambda c: place(c, CACHE_AXES[:c.ndim]), cache)  # scales: no H
     state = None if state is None else jax.tree.map(lambda x: place(x, ()), state)
     return cache, state
 

@@ -171,11 +171,14 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(memory, dtype).reshape(shape)
 
 
-def read_hf_params(ckpt: HFCheckpoint, dtype: np.dtype, shardings: dict) -> tuple[dict, int]:
+def read_hf_params(ckpt: HFCheckpoint, dtype: np.dtype, shardings: dict,
+                   transform=None) -> tuple[dict, int]:
     """The parameter pytree as jax arrays in `dtype`, placed by `shardings` (same tree).
 
     Each distinct shard this process's devices hold is read once, straight from the files,
-    and put on those devices; nothing else of the tensor is read. Returns (params, bytes read).
+    and put on those devices; nothing else of the tensor is read. transform(path, array):
+    the {name: array} entries that replace each parameter as soon as it is read (quantizing,
+    so the float model is never whole), or None. Returns (params, bytes read).
     """
     params: dict = {}
     for path, group in stacked_groups(ckpt.rules).items():
@@ -201,7 +204,9 @@ def read_hf_params(ckpt: HFCheckpoint, dtype: np.dtype, shardings: dict) -> tupl
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+        array = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+        del arrays, shards
+        node |= transform(path, array) if transform is not None else {path[-1]: array}
     return params, ckpt.bytes_read
 
 

@@ -293,6 +293,24 @@ def restore_params(folder: str, abstract: dict) -> dict:
         return checkpointer.restore(os.path.abspath(os.path.join(folder, PARAMS_DIR)), abstract)
 
 
+def restore_one(folder: str, path: tuple[str, ...], abstract: jax.ShapeDtypeStruct) -> jax.Array:
+    """The one parameter at `path`, restored alone (Orbax's partial restore) into `abstract`'s
+    sharding and dtype: a quantizing load holds one float parameter at a time."""
+    item: dict = {}
+    node = item
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = abstract
+    directory = os.path.abspath(os.path.join(folder, PARAMS_DIR))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
+    for key in path:
+        restored = restored[key]
+    return restored
+
+
 def open_arrays(folder: str) -> dict[tuple[str, ...], ts.TensorStore]:
     """Each stored array opened for reading slices (TensorStore), by param path."""
     directory = os.path.abspath(os.path.join(folder, PARAMS_DIR))

@@ -38,6 +38,7 @@ from qwen2_jax.commands.common import (
 )
 from qwen2_jax.commands.generate import add_long_context_args
 from qwen2_jax.decoding import position_limit
+from qwen2_jax.layers import compute_dtype
 from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import Qwen2ForCausalLM
 from qwen2_jax.rope import dynamic_yarn_scale
@@ -197,7 +198,7 @@ def _eval(args: argparse.Namespace) -> int:
     with stage("loading the model"):
         config, params = qwen2_jax.load(args.model, mesh=mesh, rules=rules)
     rules = resolve_rules(rules, mesh)
-    dtype = params["embed_tokens"]["embedding"].dtype
+    dtype = compute_dtype(params)
 
     def placed(batch):
         if mesh is None:
