@@ -70,28 +70,25 @@ def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.A
 
 
 def quantize_int4(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int4 in groups along `axis`: (uint8 with `axis` halved, two values a byte,
-    the even index in the low nibble; float32 scale with `axis` cut to its group count)."""
+    """Symmetric int4 in groups along `axis`: (uint8 with `axis` halved, two values a byte;
+    float32 scale with `axis` cut to its group count). Byte j of a group holds its value j in
+    the low nibble and value j + size/2 in the high one, so each half of a group unpacks to a
+    contiguous run of inputs (no interleaving, see `_blocked_dot`)."""
     w = jnp.moveaxis(w.astype(jnp.float32), axis, -1)  # [..., I]
     size = group_size(w.shape[-1])
-    groups = w.reshape(*w.shape[:-1], -1, size)  # [..., I/gs, gs]
-    scale = jnp.max(jnp.abs(groups), axis=-1, keepdims=True) / 7.0
-    safe = jnp.where(scale == 0, 1.0, scale)
-    q = jnp.clip(jnp.round(groups / safe), -7, 7).astype(jnp.int8).reshape(w.shape)
-    packed = (q[..., 0::2] & 0xF) | (q[..., 1::2] << 4)  # [..., I/2]
-    packed = jax.lax.bitcast_convert_type(packed.astype(jnp.int8), jnp.uint8)
-    return jnp.moveaxis(packed, -1, axis), jnp.moveaxis(scale[..., 0], -1, axis)
+    groups = w.reshape(*w.shape[:-1], -1, 2, size // 2)  # [..., I/gs, 2, gs/2]
+    scale = jnp.max(jnp.abs(groups), axis=(-2, -1)) / 7.0  # [..., I/gs]
+    safe = jnp.where(scale == 0, 1.0, scale)[..., None, None]
+    q = jnp.clip(jnp.round(groups / safe), -7, 7).astype(jnp.int8)
+    packed = (q[..., 0, :] & 0xF) | (q[..., 1, :] << 4)  # [..., I/gs, gs/2]
+    packed = jax.lax.bitcast_convert_type(packed.reshape(*w.shape[:-1], -1), jnp.uint8)
+    return jnp.moveaxis(packed, -1, axis), jnp.moveaxis(scale, -1, axis)
 
 
-def unpack_int4(packed: jax.Array, axis: int) -> jax.Array:
-    """uint8 packed along `axis` -> int8 values in [-8, 7], `axis` doubled."""
+def unpack_int4(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 bytes -> (their low nibbles, their high nibbles) as int8 values in [-8, 7]."""
     signed = jax.lax.bitcast_convert_type(packed, jnp.int8)
-    low = jnp.left_shift(signed, 4) >> 4  # arithmetic shifts sign-extend the nibbles
-    high = signed >> 4
-    both = jnp.stack([low, high], axis=axis + 1)
-    shape = list(packed.shape)
-    shape[axis] *= 2
-    return both.reshape(shape)
+    return jnp.left_shift(signed, 4) >> 4, signed >> 4  # arithmetic shifts sign-extend
 
 
 def dequantize(q: jax.Array, scale: jax.Array, axis: int, dtype=jnp.float32) -> jax.Array:
@@ -101,11 +98,12 @@ def dequantize(q: jax.Array, scale: jax.Array, axis: int, dtype=jnp.float32) -> 
         extra = q.ndim - scale.ndim  # the input dims the scale lacks, at axis - extra + 1 ..
         first = axis - extra + 1
         return q.astype(dtype) * jnp.expand_dims(scale, tuple(range(first, first + extra))).astype(dtype)
-    values = unpack_int4(q, axis).astype(dtype)
+    packed = jnp.moveaxis(q, axis, -1)  # [..., I/2]
     groups = scale.shape[axis]
-    shape = values.shape
-    grouped = values.reshape(*shape[:axis], groups, shape[axis] // groups, *shape[axis + 1:])
-    return (grouped * jnp.expand_dims(scale, axis + 1).astype(dtype)).reshape(shape)
+    packed = packed.reshape(*packed.shape[:-1], groups, -1)  # [..., I/gs, gs/2]
+    values = jnp.stack(unpack_int4(packed), axis=-2).astype(dtype)  # [..., I/gs, 2, gs/2]
+    values = values * jnp.moveaxis(scale, axis, -1)[..., None, None].astype(dtype)
+    return jnp.moveaxis(values.reshape(*values.shape[:-3], -1), -1, axis)
 
 
 # -- matmuls ----------------------------------------------------------------------------------
@@ -140,20 +138,20 @@ def _blocked_dot(x, q, scale, n_in, dtype):
     if int4:
         block = inputs // math.prod(scale.shape[:n_in])  # one group a step
         q2 = q.reshape(-1, block // 2, outputs)  # [I/gs, gs/2, O]
-        s2 = scale.reshape(-1, outputs)  # [I/gs, O]
+        s2 = scale.reshape(-1, outputs).astype(dtype)  # [I/gs, O]
+        halves = x2.reshape(x2.shape[0], -1, 2, block // 2)  # [M, I/gs, 2, gs/2]
     else:
         block = math.gcd(inputs, CPU_BLOCK)
         q2 = q.reshape(-1, block, outputs)  # [I/b, b, O]
-    xb = x2.reshape(x2.shape[0], -1, block)  # [M, I/b, b]
+        xb = x2.reshape(x2.shape[0], -1, block)  # [M, I/b, b]
 
     def step(i, acc):
-        if int4:
-            w = unpack_int4(q2[i], 0).astype(dtype) * s2[i].astype(dtype)  # [b, O]
-        else:
-            w = q2[i].astype(dtype)
-        return acc + jnp.dot(xb[:, i], w)
+        if int4:  # the group's two halves, each a plain dot, scaled on the [M, O] output
+            low, high = (v.astype(dtype) for v in unpack_int4(q2[i]))  # [gs/2, O]
+            return acc + (jnp.dot(halves[:, i, 0], low) + jnp.dot(halves[:, i, 1], high)) * s2[i]
+        return acc + jnp.dot(xb[:, i], q2[i].astype(dtype))
 
-    y = jax.lax.fori_loop(0, xb.shape[1], step, jnp.zeros((x2.shape[0], outputs), dtype))
+    y = jax.lax.fori_loop(0, q2.shape[0], step, jnp.zeros((x2.shape[0], outputs), dtype))
     if not int4:
         y = y * scale.reshape(outputs).astype(dtype)
     return y.reshape(*lead, *features)
@@ -263,6 +261,46 @@ def quantize_abstract(boxed: dict, mode: str, embeddings: bool) -> dict:
         return {name: nn.Partitioned(shapes[name], axes[name]) for name in shapes}
 
     return map_params(boxed, one)
+
+
+def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
+    """The float params a quantized tree stands for (`kernel` and `embedding` again): what its
+    matmuls compute with, for checks and for exporting."""
+
+    def one(path, x):
+        name = path[-1]
+        if name == "qscale":
+            return {}
+        if name not in ("qkernel", "qembedding"):
+            return {name: x}
+        node = params
+        for key in path[:-1]:
+            node = node[key]
+        if name == "qembedding":
+            return {"embedding": dequantize(x, node["qscale"], 1, dtype)}
+        lead = int(path[0] == "layers")  # scanned layers are stacked on a leading L
+        return {"kernel": dequantize(x, node["qscale"], lead + _input_dims(path) - 1, dtype)}
+
+    return map_params(params, one)
+
+
+def quantization_of(params: dict) -> dict | None:
+    """{"weights": "int8" | "int4", "embeddings": bool} of a params tree, or None if float."""
+    kinds = set()
+    embeddings = False
+
+    def one(path, x):
+        nonlocal embeddings
+        if path[-1] in ("qkernel", "qembedding"):
+            kinds.add("int8" if x.dtype == jnp.int8 else "int4")
+            embeddings |= path[-1] == "qembedding"
+        return {}
+
+    map_params(params, one)
+    if not kinds:
+        return None
+    (mode,) = kinds
+    return {"weights": mode, "embeddings": embeddings}
 
 
 # -- the KV cache -----------------------------------------------------------------------------

@@ -21,12 +21,14 @@ from qwen2_jax.checkpoint.hf_io import CheckpointError, HFCheckpoint, open_check
 from qwen2_jax.checkpoint.mapping import stacked_groups, stacked_shape
 from qwen2_jax.checkpoint.orbax_io import (
     PARAMS_DIR,
+    is_orbax_folder,
+    read_metadata,
     StreamedArray,
     blocks_of,
     save_streamed,
     write_metadata,
 )
-from qwen2_jax.checkpoint.output import atomic_folder
+from qwen2_jax.checkpoint.output import MODEL_FILES, atomic_folder
 from qwen2_jax.checkpoint.progress import Progress
 
 
@@ -110,6 +112,47 @@ def write_orbax(source: str, out_dir: str, dtype: str | None = None, mesh=None, 
                        mesh=dict(mesh.shape) if mesh is not None else None)
     return {"out": os.path.abspath(out_dir), "dtype": target.name, "tensors": len(ckpt.rules),
             "bytes": total, "model_files": sorted(set(files) - {"config.json"}),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def write_quantized(source: str, out_dir: str, quantize: str, quantize_embeddings: bool = False,
+                    dtype: str | None = None, force: bool = False) -> dict:
+    """Writes `source` (HF folder, GGUF file or float Orbax folder) weight-only quantized
+    (`quantize.py`) as our Orbax folder, which `load` restores as it is.
+
+    The source is read and quantized one parameter at a time (`load(quantize=)`), so memory
+    holds the quantized model and one float parameter. dtype: the float parameters' (norms,
+    biases, unquantized tables); default the source's (float32 for GGUF).
+    """
+    from qwen2_jax.api import load
+    from qwen2_jax.quantize import quantization_of, weight_bytes
+
+    if jax.process_count() > 1:
+        raise ValueError("convert runs as a single process")
+    start = time.perf_counter()
+    if is_orbax_folder(source):
+        dtype = dtype or read_metadata(source)["dtype"]
+        files = {name: open(os.path.join(source, name), "rb").read()
+                 for name in ("config.json", *MODEL_FILES)
+                 if os.path.isfile(os.path.join(source, name))}
+    else:
+        _, ckpt, files = open_checkpoint(source)
+        dtype = dtype or storage_dtype(ckpt, None).name
+    storage_dtype_ = np.dtype(DTYPES[dtype]) if dtype in DTYPES else None
+    if storage_dtype_ is None:
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+    _, params = load(source, dtype=dtype, quantize=quantize,
+                     quantize_embeddings=quantize_embeddings)
+    with atomic_folder(out_dir, force, sources=(source,)) as temp:
+        save_streamed(os.path.join(temp, PARAMS_DIR), params)
+        for name, data in files.items():
+            with open(os.path.join(temp, name), "wb") as f:
+                f.write(data)
+        write_metadata(temp, dtype=dtype, source=os.path.abspath(source), mesh=None,
+                       quantize=quantization_of(params))
+    return {"out": os.path.abspath(out_dir), "dtype": dtype, "quantize": quantize,
+            "quantize_embeddings": quantize_embeddings, "bytes": weight_bytes(params),
+            "model_files": sorted(set(files) - {"config.json"}),
             "seconds": round(time.perf_counter() - start, 3)}
 
 
