@@ -142,6 +142,48 @@ def prefill(config, dtype, mesh, rules, params, cache, ids, lengths, chunk: int 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
                    donate_argnames=("cache",))
+def _scored_chunk(config, dtype, mesh, rules, params, cache, ids, targets, start):
+    """Writes chunk ids [B, C] at slots start.. and returns (float32 log-prob [B, C] of each
+    `targets` token under the logits at its position, cache)."""
+    logits, cache = _model(config, dtype, mesh, rules, params, cache, ids,
+                           jnp.full((ids.shape[0],), start, jnp.int32), None, None)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, C, V]
+    return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], cache
+
+
+def cached_logprobs(config: Qwen2Config, params: dict, ids, chunk: int = 512, *,
+                    kv_cache_dtype: str = "auto", dtype=None, mesh=None,
+                    rules=None) -> np.ndarray:
+    """Log-probs [B, T - 1] of tokens 1.. of ids [B, T] (whole rows, no padding), each
+    predicted through the KV cache as generation sees it: `chunk` tokens at a time, each
+    attending to the cache written so far. With kv_cache_dtype "int8" this measures what
+    the int8 cache costs (the model's own `forward` never stores keys).
+    """
+    ids = np.asarray(ids, np.int32)
+    check_token_ids(ids, config.vocab_size, "ids")
+    check_kv_cache_dtype(kv_cache_dtype)
+    batch, length = ids.shape
+    width = min(chunk, bucket(length))
+    padded = -(-length // width) * width
+    tokens = np.zeros((batch, padded + 1), np.int32)
+    tokens[:, :length] = ids
+    mesh = mesh if mesh is not None else mesh_of(params)
+    rules = resolve_rules(rules, mesh)
+    dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype(params)
+    out = []
+    with mesh_context(mesh):
+        cache = init_cache(config, batch, bucket(padded), dtype, mesh, rules, kv_cache_dtype)
+        for start in range(0, padded, width):
+            logprobs, cache = _scored_chunk(config, dtype, mesh, rules, params, cache,
+                                            tokens[:, start:start + width],
+                                            tokens[:, start + 1:start + width + 1],
+                                            jnp.int32(start))
+            out.append(to_host(logprobs))
+    return np.concatenate(out, axis=1)[:, :length - 1]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
+                   donate_argnames=("cache",))
 def decode_step(config, dtype, mesh, rules, params, cache, lengths, tokens, rope_scale=None):
     """Appends one token per row (tokens [B]) at slot lengths[b]; returns (float32 logits
     [B, V] for the next token, cache). The caller adds 1 to lengths."""

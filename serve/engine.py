@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2_jax import attention
-from qwen2_jax.decoding import position_limit, unstack_layers
+from qwen2_jax.decoding import check_kv_cache_dtype, position_limit, unstack_layers
 from qwen2_jax.layers import compute_dtype
 from qwen2_jax.rope import dynamic_yarn_scale
 from qwen2_jax.serve import step
@@ -159,12 +159,18 @@ class Engine:
     Construct, `start()` (warm-up compiles every program, then the scheduler runs), then
     `submit(sequence)` from any thread; `drain()` stops taking requests and returns when the
     running ones have finished; `stop()` ends the thread.
+
+    kv_cache_dtype: "auto" keeps the cache in the compute dtype; "int8" stores keys and
+    values as int8 with float32 "k_scale", "v_scale" [max_batch, K, slots] per layer
+    (`decoding.init_cache`'s layout, one layer at a time), so about twice the slots fit.
     """
 
     def __init__(self, config, params, *, max_batch: int = 8, max_model_len: int = 4096,
                  prefill_chunk: int = 512, max_queue: int = 256, vocab_size: int | None = None,
                  dtype=None, mesh=None, rules=None, yarn: str = "dynamic",
-                 metrics: Metrics | None = None, program_dir: str | None = None):
+                 metrics: Metrics | None = None, program_dir: str | None = None,
+                 kv_cache_dtype: str = "auto"):
+        check_kv_cache_dtype(kv_cache_dtype)
         if max_batch < 1 or max_model_len < 2 or prefill_chunk < MIN_CHUNK or max_queue < 1:
             raise ValueError("max_batch, max_queue >= 1, max_model_len >= 2, prefill_chunk "
                              f">= {MIN_CHUNK} are required")
@@ -183,6 +189,7 @@ class Engine:
         self.rules = resolve_rules(rules, self.mesh)
         self.dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype(params)
         self.dynamic_yarn = config.rope_type == "yarn" and yarn == "dynamic"
+        self.kv_cache_dtype = kv_cache_dtype
         self.metrics = metrics or Metrics()
         # Compiled programs by (name, chunk width or batch size); `program_dir` keeps them
         # for the next start.
@@ -268,11 +275,20 @@ class Engine:
         # Room past max_model_len for the last prefill chunk's padding.
         self.cache_slots = self.max_model_len + max(self.widths[-1], SCORE_CHUNK)
         shape = (self.max_batch, c.num_key_value_heads, self.cache_slots, c.head_size)
-        # Committed arrays from the start: an uncommitted first call would compile apart.
-        sharding = jax.devices()[0] if self.mesh is None else named_sharding(
-            attention.CACHE_AXES, shape, self.mesh, self.rules)
-        self.cache = {name: tuple(jnp.zeros(shape, self.dtype, device=sharding)
-                                  for _ in range(c.num_hidden_layers)) for name in ("k", "v")}
+
+        def layers(shape, dtype) -> tuple:
+            # Committed arrays from the start: an uncommitted first call would compile apart.
+            sharding = jax.devices()[0] if self.mesh is None else named_sharding(
+                attention.CACHE_AXES[:len(shape)], shape, self.mesh, self.rules)
+            return tuple(jnp.zeros(shape, dtype, device=sharding)
+                         for _ in range(c.num_hidden_layers))
+
+        if self.kv_cache_dtype == "int8":  # int8 keys and values, a float32 scale each
+            self.cache = {"k": layers(shape, jnp.int8), "v": layers(shape, jnp.int8),
+                          "k_scale": layers(shape[:-1], jnp.float32),
+                          "v_scale": layers(shape[:-1], jnp.float32)}
+        else:
+            self.cache = {name: layers(shape, self.dtype) for name in ("k", "v")}
         b, v = self.max_batch, c.vocab_size
         place = jax.devices()[0] if self.mesh is None else named_sharding(
             (), (), self.mesh, self.rules)

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+from jax._src import config as jax_config
 from jax.experimental import serialize_executable
 
 import qwen2_jax
@@ -76,7 +77,14 @@ class ProgramStore:
             if program is not None:
                 self.loaded += 1
                 return program
-        program = fn.lower(*static, *args).compile()
+        if path is None:
+            program = fn.lower(*static, *args).compile()
+        else:
+            # Compiled afresh: an executable that jax's own compilation cache hands back
+            # serializes without the kernels it was built with (the restart then fails with
+            # "NOT_FOUND: Function wrapped_broadcast.2 not found").
+            with jax_config.enable_compilation_cache(False):
+                program = fn.lower(*static, *args).compile()
         self.compiled += 1
         if path is not None:
             self._save(path, program)

@@ -2,8 +2,9 @@
 
 Everything a slot's sampling needs is a per-row array (`RowSettings`), never a static
 argument, so one compiled decode step serves every mix of requests. The cache is per layer
-(`{"k", "v"}`: tuples of [B, K, S, H], as `Qwen2ForCausalLM(scan_layers=False)` takes it)
-and donated by every program, so it is written in place.
+(`{"k", "v"}`: tuples of [B, K, S, H], as `Qwen2ForCausalLM(scan_layers=False)` takes it;
+an int8 cache adds "k_scale", "v_scale" tuples of [B, K, S], which every helper here carries
+along as it does the keys) and donated by every program, so it is written in place.
 
 A row's random key is derived from its request's seed, its sample index (`n`) and the index
 of the token being chosen, never from the batch: a seeded request gives the same tokens alone

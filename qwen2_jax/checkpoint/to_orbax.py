@@ -21,10 +21,10 @@ from qwen2_jax.checkpoint.hf_io import CheckpointError, HFCheckpoint, open_check
 from qwen2_jax.checkpoint.mapping import stacked_groups, stacked_shape
 from qwen2_jax.checkpoint.orbax_io import (
     PARAMS_DIR,
-    is_orbax_folder,
-    read_metadata,
     StreamedArray,
     blocks_of,
+    is_orbax_folder,
+    read_metadata,
     save_streamed,
     write_metadata,
 )
@@ -132,9 +132,11 @@ def write_quantized(source: str, out_dir: str, quantize: str, quantize_embedding
     start = time.perf_counter()
     if is_orbax_folder(source):
         dtype = dtype or read_metadata(source)["dtype"]
-        files = {name: open(os.path.join(source, name), "rb").read()
-                 for name in ("config.json", *MODEL_FILES)
-                 if os.path.isfile(os.path.join(source, name))}
+        files = {}
+        for name in ("config.json", *MODEL_FILES):
+            if os.path.isfile(os.path.join(source, name)):
+                with open(os.path.join(source, name), "rb") as f:
+                    files[name] = f.read()
     else:
         _, ckpt, files = open_checkpoint(source)
         dtype = dtype or storage_dtype(ckpt, None).name

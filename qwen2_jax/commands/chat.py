@@ -25,8 +25,10 @@ from qwen2_jax.commands.common import (
     MODEL_HELP,
     UsageError,
     add_mesh_args,
+    add_quantize_args,
     mesh_from_args,
     model_path,
+    quantize_from_args,
     run_guarded,
     stage,
 )
@@ -71,6 +73,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed of the first answer; answer i uses seed + i "
                         "(default 0)")
+    add_quantize_args(parser)
     add_mesh_args(parser)
 
 
@@ -127,6 +130,7 @@ def _chat(args: argparse.Namespace) -> int:
     from qwen2_jax.tokenizer import Tokenizer
 
     check_sampling_flags(args)
+    quantize = quantize_from_args(args)
     model = model_path(args.model)
     config = qwen2_jax.Qwen2Config.from_file(model)
     settings = generation_defaults(model)
@@ -136,7 +140,8 @@ def _chat(args: argparse.Namespace) -> int:
             settings[name] = getattr(args, name)
     stops = set(settings.pop("stop_token_ids"))
     stops.update(i for i in (tokenizer.special_id("eos_token"),) if i is not None)
-    settings.update(yarn=args.yarn, prefill_chunk=args.prefill_chunk)
+    settings.update(yarn=args.yarn, prefill_chunk=args.prefill_chunk,
+                    kv_cache_dtype=args.kv_cache_dtype)
     chat = Chat(tokenizer, args.system, position_limit(config), settings["max_new_tokens"])
     try:
         chat.prompt("")
@@ -146,7 +151,7 @@ def _chat(args: argparse.Namespace) -> int:
                          ) from None
     mesh, rules = mesh_from_args(args)
     with stage("loading the model"):
-        config, params = qwen2_jax.load(model, mesh=mesh, rules=rules)
+        config, params = qwen2_jax.load(model, mesh=mesh, rules=rules, **quantize)
     logging.getLogger("jax._src.callback").addFilter(_quiet_stops)
 
     interactive = sys.stdin.isatty()
@@ -213,7 +218,7 @@ def _answer(qwen2_jax, config, params, tokenizer, ids, stops, settings, seed, me
         length = len(ids) + settings["max_new_tokens"]
         try:
             with stage(f"generating up to {length} tokens (their KV cache alone takes "
-                       f"{kv_cache_gb(config, 1, length):.2f} GB)"):
+                       f"{kv_cache_gb(config, 1, length, settings['kv_cache_dtype']):.2f} GB)"):
                 qwen2_jax.generate(config, params, [ids], stop_token_ids=sorted(stops),
                                    seed=seed, vocab_size=len(tokenizer), mesh=mesh,
                                    rules=rules, on_tokens=on_tokens, **settings)

@@ -68,6 +68,57 @@ def add_mesh_args(parser: argparse.ArgumentParser, processes: bool = True,
                        help="this process's id in the --coordinator job, 0 to N-1")
 
 
+QUANTIZE_HELP = ("weight-only quantization of every projection (q/k/v/o, gate/up/down): int8 "
+                 "is symmetric with one scale per output channel; int4 is symmetric in groups "
+                 "of 128 along the input dimension (fewer where it is smaller), two values a "
+                 "byte. Norms, biases, and MoE routers and routed experts stay float. {when} "
+                 "Default: float weights")
+KV_CACHE_HELP = ("the KV cache's storage: 'auto' (default) keeps keys and values in the compute "
+                 "dtype; 'int8' stores them as int8 with one float32 scale per token and head, "
+                 "about half of bfloat16's memory (a quarter of float32's), so longer contexts "
+                 "or more sequences fit")
+
+
+def add_quantize_args(parser: argparse.ArgumentParser, kv_cache: bool = True,
+                      when: str = "Quantized as the model loads, one parameter at a time, so "
+                      "the float model is never whole in memory; an Orbax folder written by "
+                      "`convert --quantize` is used as it is (the flag may then be left "
+                      "out).") -> None:
+    """--quantize and --quantize-embeddings (and with kv_cache, --kv-cache-dtype): one
+    definition for every command that loads a model, so their names, choices and meaning
+    never drift apart. Check them with `quantize_from_args`."""
+    from qwen2_jax.quantize import KV_CACHE_DTYPES, MODES
+
+    group = parser.add_argument_group("quantization")
+    group.add_argument("--quantize", choices=MODES, default=None,
+                       help=QUANTIZE_HELP.format(when=when))
+    group.add_argument("--quantize-embeddings", action="store_true",
+                       help="with --quantize: the token embedding and lm_head too (the largest "
+                       "matrices of the small models; int8: a scale per row)")
+    if kv_cache:
+        group.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                           help=KV_CACHE_HELP)
+
+
+def quantize_from_args(args: argparse.Namespace) -> dict:
+    """`qwen2_jax.load`'s quantize keywords from the flags; a UsageError, before anything
+    loads, for --quantize-embeddings without --quantize."""
+    if args.quantize_embeddings and args.quantize is None:
+        raise UsageError("--quantize-embeddings needs --quantize int8 or int4")
+    return {"quantize": args.quantize, "quantize_embeddings": args.quantize_embeddings}
+
+
+def quantization_text(params: dict, kv_cache_dtype: str = "auto") -> str:
+    """How the loaded weights and the KV cache are stored, in words for a log line (from the
+    params: an Orbax folder written quantized is so without --quantize)."""
+    from qwen2_jax.quantize import quantization_of
+
+    found = quantization_of(params)
+    weights = "float" if found is None else found["weights"] + (
+        " (embeddings too)" if found["embeddings"] else "")
+    return f"weights {weights}, KV cache {kv_cache_dtype}"
+
+
 def mesh_from_args(args: argparse.Namespace):
     """Initializes multi-process JAX if asked; returns (mesh or None without --mesh, rules)."""
     from qwen2_jax import sharding

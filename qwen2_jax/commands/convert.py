@@ -8,8 +8,11 @@ import sys
 
 from qwen2_jax.commands.common import (
     DTYPE_CHOICES,
+    UsageError,
     add_mesh_args,
+    add_quantize_args,
     mesh_from_args,
+    quantize_from_args,
     require_path,
     run_guarded,
 )
@@ -28,13 +31,20 @@ def add_parser(sub) -> None:
         "source). Streams: each chunk is read, transposed, cast and written in turn, so memory "
         "holds a few chunks (4 MiB each at most), never the model. Everything goes into a "
         "hidden temporary folder beside OUT_DIR, renamed to OUT_DIR when complete; on an error, "
-        "Ctrl-C or SIGTERM it is removed. Prints one JSON line.")
+        "Ctrl-C or SIGTERM it is removed. Prints one JSON line. With --quantize the folder "
+        "holds the weight-only quantized params (int8: half of bfloat16's bytes, int4: a "
+        "quarter), which every command then loads as they are; the source is read and "
+        "quantized one parameter at a time, so memory holds the quantized model and one float "
+        "parameter (not the streaming of a float conversion, and no --mesh).")
     parser.add_argument("hf_dir", metavar="SOURCE",
                         help="Hugging Face model folder, or a .gguf file")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="Orbax checkpoint folder to write")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                         help="storage dtype (default: the source's; float32 for GGUF)")
     add_output_args(parser)
+    add_quantize_args(parser, kv_cache=False, when="Written quantized into OUT_DIR (--dtype: "
+                      "the storage of the parameters that stay float), which every command "
+                      "then loads as it is.")
     add_mesh_args(parser, processes=False,
                   mesh_help="write chunks no larger than this mesh's shards, so that a restore "
                   "onto it reads only what each device holds (a mesh over this process's "
@@ -49,18 +59,22 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                         "source and a folder holding or inside the source are never replaced")
     parser.add_argument("--verify", action="store_true",
                         help="afterwards, run the same prompt through the source and the written "
-                        "checkpoint (qwen2-jax's loader for both, same dtype) and report the max "
-                        "logit difference; exit 1 unless it is 0")
+                        "checkpoint (qwen2-jax's loader for both, same dtype; with --quantize "
+                        "the source quantized as it loads) and report the max logit "
+                        "difference; exit 1 unless it is 0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def report(args: argparse.Namespace, summary: dict, source: str, written: str, mesh=None,
-           rules=None) -> int:
-    """Prints the summary line (after --verify's comparison); 1 if verify found a difference."""
+           rules=None, quantize: dict | None = None) -> int:
+    """Prints the summary line (after --verify's comparison); 1 if verify found a difference.
+    quantize: load's quantize keywords for the source (a quantized conversion is faithful when
+    it equals the source quantized at load time)."""
     if args.verify:
         from qwen2_jax.convert.verify import max_logit_difference
 
-        difference = max_logit_difference(source, written, summary["dtype"], mesh, rules)
+        difference = max_logit_difference(source, written, summary["dtype"], mesh, rules,
+                                          **(quantize or {}))
         summary["verify"] = {"max_abs_logit_diff": difference, "ok": difference == 0.0}
     print(json.dumps(summary))
     if args.verify and not summary["verify"]["ok"]:
@@ -74,8 +88,18 @@ def report(args: argparse.Namespace, summary: dict, source: str, written: str, m
 def run(args: argparse.Namespace) -> int:
     def convert() -> int:
         from qwen2_jax.checkpoint.to_orbax import write_orbax as convert
+        from qwen2_jax.checkpoint.to_orbax import write_quantized
 
+        quantize = quantize_from_args(args)
+        if args.quantize is not None and args.mesh is not None:
+            raise UsageError("--mesh is not supported with --quantize: a quantized folder is "
+                             "written in whole parameters; leave out --mesh (any mesh can "
+                             "still load it)")
         require_path("SOURCE", args.hf_dir, "Hugging Face model folder or .gguf file")
+        if args.quantize is not None:
+            summary = write_quantized(args.hf_dir, args.out_dir, args.quantize,
+                                      args.quantize_embeddings, args.dtype, args.force)
+            return report(args, summary, args.hf_dir, args.out_dir, quantize=quantize)
         mesh, rules = mesh_from_args(args)
         summary = convert(args.hf_dir, args.out_dir, args.dtype, mesh, rules, args.force,
                           progress=not args.no_progress)

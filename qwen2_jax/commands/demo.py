@@ -13,9 +13,12 @@ import time
 from qwen2_jax.commands.common import (
     MESH_HELP,
     MODEL_HELP,
+    UsageError,
     add_mesh_args,
+    add_quantize_args,
     mesh_from_args,
     model_path,
+    quantize_from_args,
     run_guarded,
     stage,
 )
@@ -35,7 +38,9 @@ def add_parser(sub) -> None:
         "tokens/s, and generate_matches_transformers (the same greedy tokens from transformers' "
         "own dequantization of the same file; null when transformers is not installed or with "
         "--no-compare). --tiny instead builds a tiny random Qwen2 with transformers and compares "
-        "logits and a chat turn (needs the test extra); exit 1 if they differ.",
+        "logits and a chat turn (needs the test extra); exit 1 if they differ. With --quantize "
+        "or --kv-cache-dtype int8 (or a folder from `convert --quantize`) the comparison is "
+        "skipped (null): transformers runs the float weights, whose tokens may differ.",
         epilog=MESH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
     parser.add_argument("--question", default=QUESTION, help="the user message")
@@ -49,6 +54,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--seed", type=int, default=0, help="--tiny: seed (default 0)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="--tiny: keep the tiny checkpoint in DIR")
+    add_quantize_args(parser)
     add_mesh_args(parser)
 
 
@@ -57,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    quantize_from_args(args)
+    quantized = args.quantize is not None or args.kv_cache_dtype != "auto"
+    if args.tiny and quantized:
+        raise UsageError("--tiny checks float parity with transformers; it takes no "
+                         "--quantize or --kv-cache-dtype")
     mesh, rules = mesh_from_args(args)
     if args.tiny:
         from qwen2_jax.commands.tiny_demo import compare
@@ -71,6 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _answer(args: argparse.Namespace, mesh, rules) -> dict:
     import qwen2_jax
+    from qwen2_jax.quantize import quantization_of
     from qwen2_jax.tokenizer import StreamDecoder, Tokenizer
 
     folder = model_path(args.model)
@@ -79,8 +91,11 @@ def _answer(args: argparse.Namespace, mesh, rules) -> dict:
         [{"role": "user", "content": args.question}]))
     with stage("loading the model"):
         start = time.perf_counter()
-        config, params = qwen2_jax.load(folder, mesh=mesh, rules=rules)
+        config, params = qwen2_jax.load(folder, mesh=mesh, rules=rules,
+                                        **quantize_from_args(args))
         load_s = time.perf_counter() - start
+    # transformers runs float weights and a float cache: not comparable token for token.
+    quantized = quantization_of(params) is not None or args.kv_cache_dtype != "auto"
     stream, times = StreamDecoder(tokenizer), []
     print(f">>> {args.question}", flush=True)
 
@@ -94,14 +109,16 @@ def _answer(args: argparse.Namespace, mesh, rules) -> dict:
     with stage("generating"):
         (tokens,) = qwen2_jax.generate(config, params, [prompt], args.max_new_tokens,
                                        stop_token_ids=list(STOPS), vocab_size=len(tokenizer),
-                                       mesh=mesh, rules=rules, on_tokens=on_tokens)
+                                       mesh=mesh, rules=rules, on_tokens=on_tokens,
+                                       kv_cache_dtype=args.kv_cache_dtype)
     seconds = time.perf_counter() - start
     sys.stdout.write(stream.flush() + "\n")
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
     return {"model": folder, "prompt_tokens": len(prompt), "answer_tokens": len(tokens),
             "load_s": round(load_s, 2), "generate_s": round(seconds, 2),
             "decode_tokens_per_s": decode and round(decode, 1),
-            "generate_matches_transformers": None if args.no_compare else
+            "quantize": quantization_of(params), "kv_cache_dtype": args.kv_cache_dtype,
+            "generate_matches_transformers": None if args.no_compare or quantized else
             _matches_transformers(folder, prompt, tokens, args.max_new_tokens)}
 
 

@@ -29,15 +29,17 @@ from qwen2_jax.commands.common import (
     MESH_HELP,
     UsageError,
     add_mesh_args,
+    add_quantize_args,
     check_at_least,
     mesh_from_args,
     model_path,
+    quantize_from_args,
     require_path,
     run_guarded,
     stage,
 )
 from qwen2_jax.commands.generate import add_long_context_args
-from qwen2_jax.decoding import position_limit
+from qwen2_jax.decoding import init_cache, position_limit
 from qwen2_jax.layers import compute_dtype
 from qwen2_jax.masks import positions_from_mask
 from qwen2_jax.model import Qwen2ForCausalLM
@@ -62,7 +64,9 @@ def add_parser(sub) -> None:
         "joined with a blank line, '\\n\\n', as the guide joins WikiText) or any other file as "
         "one UTF-8 text. Prints one JSON line: tokens (the text's), nll (mean per scored "
         "token, in nats), perplexity (exp of nll), tokens_per_s (the text's tokens over the "
-        "scoring time, after compilation).", epilog=MESH_HELP,
+        "scoring time, after compilation). --kv-cache-dtype int8 scores each window through an "
+        "int8 KV cache, as generation and the server see it (written, then read back), so the "
+        "perplexity shows what the int8 cache costs.", epilog=MESH_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, metavar="PATH",
                         help="a Hugging Face or Orbax model folder with a tokenizer")
@@ -79,6 +83,7 @@ def add_parser(sub) -> None:
                         help="windows per forward pass (default 1)")
     add_long_context_args(parser, prefill=False)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quantize_args(parser)
     add_mesh_args(parser)
 
 
@@ -121,18 +126,31 @@ def windows(length: int, max_len: int, stride: int) -> list[tuple[int, int, int]
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"))
-def score_windows(config, dtype, mesh, rules, params, ids, mask, scored, rope_scale=None):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules",
+                                            "kv_cache_dtype"))
+def score_windows(config, dtype, mesh, rules, params, ids, mask, scored, rope_scale=None,
+                  kv_cache_dtype="auto"):
     """Summed NLL [B] (float32) of the scored next-token predictions of each window.
 
     ids, mask [B, T] int32 (windows right-padded to T); scored [B, T] bool: position t's
     prediction of token t + 1 counts. rope_scale [B]: dynamic YaRN factors, or None.
+    kv_cache_dtype "int8": each window goes through an empty int8 KV cache of T slots (a
+    prefill of one chunk: every query attends to the keys and values as the cache stores
+    them, the same numbers as a chunked prefill); the right padding comes after every real
+    token, so causal attention never lets it reach one.
     """
     segments = jnp.zeros_like(ids)
     with use_mesh(mesh, rules):
-        logits = Qwen2ForCausalLM(config, dtype=dtype).apply(
-            {"params": params}, ids, positions_from_mask(mask, segments), mask, segments,
-            rope_scale=rope_scale)
+        model = Qwen2ForCausalLM(config, dtype=dtype)
+        if kv_cache_dtype == "auto":
+            logits = model.apply({"params": params}, ids, positions_from_mask(mask, segments),
+                                 mask, segments, rope_scale=rope_scale)
+        else:
+            cache = init_cache(config, ids.shape[0], ids.shape[1], dtype, mesh, rules,
+                               kv_cache_dtype)
+            logits, _ = model.apply({"params": params}, ids, None, None, None, cache=cache,
+                                    cache_index=jnp.zeros(ids.shape[0], jnp.int32),
+                                    rope_scale=rope_scale)
     targets = jnp.roll(ids, -1, axis=1)  # [B, T]: token t + 1
     # logsumexp and the target's logit reduce over V: no [B, T, V] log-probs are made.
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -173,6 +191,7 @@ def perplexity_nll(spans, sums) -> float:
 def _eval(args: argparse.Namespace) -> int:
     check_at_least(args, 2, "max_len")
     check_at_least(args, 1, "stride", "batch_size")
+    quantize = quantize_from_args(args)
     args.model = model_path(args.model)
     require_path("--data", args.data, "text or JSONL file")
     config = qwen2_jax.Qwen2Config.from_file(args.model)
@@ -196,7 +215,7 @@ def _eval(args: argparse.Namespace) -> int:
     spans = windows(len(tokens), max_len, stride)
     mesh, rules = mesh_from_args(args)
     with stage("loading the model"):
-        config, params = qwen2_jax.load(args.model, mesh=mesh, rules=rules)
+        config, params = qwen2_jax.load(args.model, mesh=mesh, rules=rules, **quantize)
     rules = resolve_rules(rules, mesh)
     dtype = compute_dtype(params)
 
@@ -216,8 +235,8 @@ def _eval(args: argparse.Namespace) -> int:
     sums = []
     with mesh_context(mesh), stage(f"scoring {args.batch_size} window(s) of {max_len} tokens"):
         # Compiled before the clock starts, so tokens_per_s is the steady speed.
-        score = score_windows.lower(config, dtype, mesh, rules, params, *first,
-                                    rope_scale).compile()
+        score = score_windows.lower(config, dtype, mesh, rules, params, *first, rope_scale,
+                                    args.kv_cache_dtype).compile()
         start = time.perf_counter()
         with tqdm(total=len(spans), desc="eval", unit="window", disable=args.no_progress) as bar:
             for batch in itertools.chain([first], batches):

@@ -14,8 +14,10 @@ from qwen2_jax.commands.common import (
     MODEL_HELP,
     UsageError,
     add_mesh_args,
+    add_quantize_args,
     mesh_from_args,
     model_path,
+    quantize_from_args,
     require_path,
     run_guarded,
     stage,
@@ -59,6 +61,7 @@ def add_parser(sub) -> None:
                         help="generate past the model's max_position_embeddings (with a "
                         "warning) instead of refusing")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_quantize_args(parser)
     add_mesh_args(parser)
 
 
@@ -214,10 +217,12 @@ def check_length(config, prompts: list[list[int]], max_new_tokens: int, allow_lo
     logger.warning("%s: generating anyway (--allow-long)", message)
 
 
-def kv_cache_gb(config, batch: int, length: int) -> float:
-    """The float32 KV cache of `batch` rows of `length` tokens, in GB."""
+def kv_cache_gb(config, batch: int, length: int, kv_cache_dtype: str = "auto") -> float:
+    """The KV cache of `batch` rows of `length` tokens, in GB: float32 (the CPU compute
+    dtype; an upper bound elsewhere), or int8 with a float32 scale per token and head."""
+    per_head = config.head_size + 4 if kv_cache_dtype == "int8" else config.head_size * 4
     return 2 * config.num_hidden_layers * batch * length * config.num_key_value_heads * \
-        config.head_size * 4 / 1e9
+        per_head / 1e9
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,6 +234,7 @@ def _generate(args: argparse.Namespace) -> int:
     from qwen2_jax.tokenizer import StreamDecoder, Tokenizer
 
     check_flags(args)
+    quantize = quantize_from_args(args)
     args.model = model_path(args.model)
     config = qwen2_jax.Qwen2Config.from_file(args.model)
     settings = generation_defaults(args.model)
@@ -256,7 +262,7 @@ def _generate(args: argparse.Namespace) -> int:
     check_length(config, prompts, settings["max_new_tokens"], args.allow_long)
     mesh, rules = mesh_from_args(args)
     with stage("loading the model"):
-        config, params = qwen2_jax.load(args.model, mesh=mesh, rules=rules)
+        config, params = qwen2_jax.load(args.model, mesh=mesh, rules=rules, **quantize)
     stream = StreamDecoder(tokenizer) if len(prompts) == 1 else None
 
     def on_tokens(tokens, live):
@@ -265,12 +271,14 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     length = max(map(len, prompts)) + settings["max_new_tokens"]
+    cache_gb = kv_cache_gb(config, len(prompts), length, args.kv_cache_dtype)
     with stage(f"generating {len(prompts)} sequence(s) of up to {length} tokens (their KV cache "
-               f"alone takes {kv_cache_gb(config, len(prompts), length):.2f} GB)"):
+               f"alone takes {cache_gb:.2f} GB)"):
         outputs = qwen2_jax.generate(config, params, prompts, stop_token_ids=sorted(stops),
                                      seed=args.seed, vocab_size=len(tokenizer), mesh=mesh,
                                      rules=rules, on_tokens=on_tokens if stream else None,
-                                     allow_long=True, **settings)
+                                     allow_long=True, kv_cache_dtype=args.kv_cache_dtype,
+                                     **settings)
     if stream is not None:
         sys.stdout.write(stream.flush() + "\n")
     else:

@@ -14,9 +14,12 @@ from qwen2_jax.commands.common import (
     MODEL_HELP,
     UsageError,
     add_mesh_args,
+    add_quantize_args,
     check_at_least,
     mesh_from_args,
     model_path,
+    quantization_text,
+    quantize_from_args,
     run_guarded,
     stage,
 )
@@ -85,6 +88,7 @@ def add_parser(sub) -> None:
                         "folder, $QWEN2_JAX_CACHE or ~/.cache/qwen2-jax)")
     engine.add_argument("--no-compile-cache", action="store_true",
                         help="compile from scratch at every start")
+    add_quantize_args(parser)
     add_mesh_args(parser, processes=False,
                   mesh_help="device mesh over this host's devices (tensor parallel: "
                   "'tensor=-1')")
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     check_at_least(args, 1, "max_batch", "max_queue", "max_model_len")
     check_at_least(args, 16, "prefill_chunk")
+    quantize = quantize_from_args(args)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     listener = bind(args.host, args.port)  # before the model loads: a taken port fails now
@@ -124,11 +129,13 @@ def _serve(args: argparse.Namespace) -> int:
     defaults = {k: v for k, v in settings.items() if k != "max_new_tokens" and v is not None}
     mesh, rules = mesh_from_args(args)
     with stage("loading the model"):
-        config, params = qwen2_jax.load(model, mesh=mesh, rules=rules)
+        config, params = qwen2_jax.load(model, mesh=mesh, rules=rules, **quantize)
+    storage = quantization_text(params, args.kv_cache_dtype)
     engine = Engine(config, params, max_batch=args.max_batch, max_model_len=max_model_len,
                     prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                     vocab_size=min(len(tokenizer), config.vocab_size), mesh=mesh,
-                    rules=rules, yarn=args.yarn, program_dir=program_dir)
+                    rules=rules, yarn=args.yarn, program_dir=program_dir,
+                    kv_cache_dtype=args.kv_cache_dtype)
     del params  # the engine keeps its own per-layer copy
     keys = args.api_key or ([os.environ["QWEN2_JAX_API_KEY"]]
                             if os.environ.get("QWEN2_JAX_API_KEY") else [])
@@ -137,9 +144,9 @@ def _serve(args: argparse.Namespace) -> int:
         names = [EMBEDDED_REPO, *names]
     server = Server(engine, tokenizer, names, api_keys=keys, defaults=defaults,
                     eos_token_ids=eos, root=model)
-    logger.info("serving %s as %s on http://%s:%d (%d slots of %d tokens)", model,
+    logger.info("serving %s as %s on http://%s:%d (%d slots of %d tokens; %s)", model,
                 " or ".join(map(repr, names)), args.host, args.port, args.max_batch,
-                max_model_len)
+                max_model_len, storage)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: a
     # drained shutdown is a clean exit (0), not death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
