@@ -77,8 +77,6 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
     folder = os.fspath(path)
     start = time.perf_counter()
     quant.check_mode(quantize)
-    if quantize is None and quantize_embeddings:
-        raise ValueError("quantize_embeddings needs quantize='int8' or 'int4'")
     if os.path.exists(os.path.join(folder, INCOMPLETE_MARKER)):
         raise CheckpointError(f"{folder}: incomplete: left by an interrupted qwen2-jax convert, "
                               "export or save; write it again")
@@ -97,6 +95,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
             params = orbax_io.restore_params(folder, _abstract_arrays(
                 config, target, mesh, rules, quantize, quantize_embeddings))
         elif quantize is None:
+            _check_embeddings_flag(quantize, quantize_embeddings)
             params = orbax_io.restore_params(folder, _abstract_arrays(config, target, mesh,
                                                                       rules))
         else:  # each float parameter restored alone, then quantized
@@ -110,6 +109,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
         logger.info("loaded %s (Orbax, %s%s) in %.1f s", folder, stored,
                     f", {quantize}" if quantize else "", time.perf_counter() - start)
         return config, params
+    _check_embeddings_flag(quantize, quantize_embeddings)
     config, ckpt, _ = open_checkpoint(folder)
     quantizer = None
     if quantize is not None:
@@ -121,6 +121,11 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
     logger.info("loaded %s: read %.1f MB in %.1f s%s", folder, bytes_read / 1e6,
                 time.perf_counter() - start, f", quantized {quantize}" if quantize else "")
     return config, params
+
+
+def _check_embeddings_flag(quantize: str | None, quantize_embeddings: bool) -> None:
+    if quantize is None and quantize_embeddings:
+        raise ValueError("quantize_embeddings needs quantize='int8' or 'int4'")
 
 
 class _Quantizer:
@@ -184,6 +189,7 @@ def init(config: Qwen2Config, rng: jax.Array, dtype: str = "float32", mesh: Mesh
         return jax.jit(init_params, out_shardings=_placement(config, mesh, rules))(rng)
 
 
+@functools.lru_cache(maxsize=8)  # a trace of the whole model; load asks several times
 def _abstract_params(config: Qwen2Config, quantize: str | None = None,
                      quantize_embeddings: bool = False) -> dict:
     """Params as shapes with their logical-axis boxes, without allocating; quantized as

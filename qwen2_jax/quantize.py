@@ -14,10 +14,13 @@ Orbax and the server take it as they take float params; `layers.Linear` and
 `layers.Embedding` see which kind they were given. Norms, biases, the MoE router and the
 routed experts stay float.
 
-Why our own and not qwix: qwix quantizes by intercepting a Flax module's einsums under its
-own `QtProvider` interception, which wraps the model, while our params are a plain pytree
-that the server, Orbax and the meshes already move; and its dequantize-then-dot lowers on
-XLA:CPU to a materialized float weight (see `quantized_dot`), the slow path we avoid.
+Why our own and not qwix (0.1.8, read and measured): for a float activation times a quantized
+weight, `qwix.dot_general` always dequantizes the whole weight first and relies on XLA to fuse
+that into the dot. TPU and GPU do; XLA:CPU does not, and writes the float weight out (10x
+slower than a float32 weight for one row, measured), so the CPU decode path needs the loop in
+`quantized_dot` that qwix's einsum cannot express. Its `quantize_model` intercepts a Flax
+model's ops at trace time; our params are a plain pytree with logical axes, which the server,
+Orbax and the meshes already move, and two params a projection keep that so.
 """
 
 from __future__ import annotations
@@ -138,23 +141,27 @@ def _blocked_dot(x, q, scale, n_in, dtype):
     if int4:
         block = inputs // math.prod(scale.shape[:n_in])  # one group a step
         q2 = q.reshape(-1, block // 2, outputs)  # [I/gs, gs/2, O]
-        s2 = scale.reshape(-1, outputs).astype(dtype)  # [I/gs, O]
+        s2 = scale.reshape(-1, outputs)  # [I/gs, O], float32
         halves = x2.reshape(x2.shape[0], -1, 2, block // 2)  # [M, I/gs, 2, gs/2]
     else:
         block = math.gcd(inputs, CPU_BLOCK)
         q2 = q.reshape(-1, block, outputs)  # [I/b, b, O]
         xb = x2.reshape(x2.shape[0], -1, block)  # [M, I/b, b]
 
+    def dot(a, w):  # float32 sums: a bfloat16 running sum would round once a step
+        return jnp.dot(a, w.astype(dtype), preferred_element_type=jnp.float32)
+
     def step(i, acc):
         if int4:  # the group's two halves, each a plain dot, scaled on the [M, O] output
-            low, high = (v.astype(dtype) for v in unpack_int4(q2[i]))  # [gs/2, O]
-            return acc + (jnp.dot(halves[:, i, 0], low) + jnp.dot(halves[:, i, 1], high)) * s2[i]
-        return acc + jnp.dot(xb[:, i], q2[i].astype(dtype))
+            low, high = unpack_int4(q2[i])  # [gs/2, O]
+            return acc + (dot(halves[:, i, 0], low) + dot(halves[:, i, 1], high)) * s2[i]
+        return acc + dot(xb[:, i], q2[i])
 
-    y = jax.lax.fori_loop(0, q2.shape[0], step, jnp.zeros((x2.shape[0], outputs), dtype))
+    y = jax.lax.fori_loop(0, q2.shape[0], step,
+                          jnp.zeros((x2.shape[0], outputs), jnp.float32))  # [M, O]
     if not int4:
-        y = y * scale.reshape(outputs).astype(dtype)
-    return y.reshape(*lead, *features)
+        y = y * scale.reshape(outputs)
+    return y.astype(dtype).reshape(*lead, *features)
 
 
 def quantized_attend(x: jax.Array, q: jax.Array, scale: jax.Array, dtype,

@@ -11,25 +11,12 @@ import jax
 import numpy as np
 import openai
 import pytest
+from test_bad_input import SMALL, run_cli
 
 from conftest import make_hf_model
-from qwen2_jax import cli
 from serving import running_server
 
 STOPS = [151645, 151643]  # <|im_end|>, <|endoftext|>
-# Qwen2's vocabulary (so the real tokenizer fits) on a model that loads in a second.
-SMALL = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=2, num_key_value_heads=1)
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """The command in this process: (exit code, stdout, stderr)."""
-    try:
-        status = cli.main([str(a) for a in args])
-    except SystemExit as e:  # argparse
-        status = e.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def perplexity(capsys, folder: str, *flags: str) -> dict:
 
     assert cli.main(["eval", "--model", folder, "--data", str(TEXT), "--max-len", "512",
                      "--stride", "512", "--batch-size", "1", "--no-progress", *flags]) == 0
-    return json.loads(capsys.readouterr().out)
+    return json.loads(capsys.readouterr().out.splitlines()[-1])  # eval's one JSON line
 
 
 def test_eval_perplexity_increase_per_quantization(capsys, folder):
