@@ -92,7 +92,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, segments, window,
                  cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
-                 cache_index: jnp.ndarray | None = None, layer: jnp.ndarray | None = None):
+                 cache_index: jnp.ndarray | None = None, layer: jnp.ndarray | None = None,
+                 slot_rope: tuple[jnp.ndarray, jnp.ndarray] | None = None):
         """x: [B, T, D]; cos, sin: [B, T, H]; segments, window: as `attend`. Returns [B, T, D].
 
         With a cache (keys, values [B, K, S, H], or [L, B, K, S, H] with this layer at index
@@ -100,6 +101,12 @@ class Attention(nn.Module):
         T - 1 of row b, in place, the queries attend over the slots up to their own, and the
         result is ([B, T, D], the updated cache). An int8 cache is (keys, values, their scales
         [B, K, S] or [L, B, K, S]): one scale per token and head (`quantize.quantize_kv`).
+
+        An int8 cache holds keys without their rotated k_proj bias, added back exactly when
+        read (slot_rope: cos, sin [B, S, H] of every slot's position). Qwen2's biases reach
+        ~200 in a few channels against a median of ~0.5: quantized with them, one scale per
+        token and head leaves the other channels a step or two (+1.3% perplexity on
+        Qwen2.5-Coder-0.5B, against +0.x% without).
         """
         c = self.config
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
@@ -109,7 +116,8 @@ class Attention(nn.Module):
                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
         q = linear((n, h), ("embed", "heads", "head_dim"), "q_proj")(x)  # [B, T, N, H]
-        key = linear((k, h), ("embed", "kv_heads", "head_dim"), "k_proj")(x)  # [B, T, K, H]
+        k_proj = linear((k, h), ("embed", "kv_heads", "head_dim"), "k_proj")
+        key = k_proj(x)  # [B, T, K, H]
         value = linear((k, h), ("embed", "kv_heads", "head_dim"), "v_proj")(x)  # [B, T, K, H]
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -117,8 +125,15 @@ class Attention(nn.Module):
         key = constrain(jnp.swapaxes(key, 1, 2), KV_AXES)  # [B, K, T, H]
         value = constrain(jnp.swapaxes(value, 1, 2), KV_AXES)  # [B, K, T, H]
         if cache is not None:
-            if len(cache) == 4:  # int8, with scales
-                (key_q, key_s), (value_q, value_s) = map(quantize.quantize_kv, (key, value))
+            if len(cache) == 4:  # int8, with scales; keys without their rotated bias
+                bias = k_proj.variables["params"]["bias"].astype(self.dtype)  # [K, H]
+
+                def rotated_bias(cos, sin):  # [B, T or S, H] -> [B, K, T or S, H]
+                    shape = (*cos.shape[:2], k, h)
+                    return jnp.swapaxes(apply_rope(jnp.broadcast_to(bias, shape), cos, sin), 1, 2)
+
+                (key_q, key_s), (value_q, value_s) = map(
+                    quantize.quantize_kv, (key - rotated_bias(cos, sin), value))
                 new = (key_q, value_q, key_s, value_s)
             else:
                 new = (key, value)
@@ -128,6 +143,7 @@ class Attention(nn.Module):
             if len(cache) == 4:
                 key, value = (quantize.dequantize_kv(c_, this_layer(s_, layer), self.dtype)
                               for c_, s_ in zip((key, value), cache[2:], strict=True))
+                key = key + rotated_bias(*slot_rope)
             key, value = key.astype(self.dtype), value.astype(self.dtype)
         q_offset = jnp.zeros(x.shape[0], jnp.int32) if cache is None else cache_index
         out = attend(q, key, value, q_offset, segments, window,

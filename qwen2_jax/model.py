@@ -54,7 +54,7 @@ class DecoderLayer(nn.Module):
     window: int = 0  # the attention window (0: none), when every layer has the same
 
     @nn.compact
-    def __call__(self, carry, scanned, cos, sin, segments, cache_index):
+    def __call__(self, carry, scanned, cos, sin, segments, cache_index, slot_rope=None):
         """carry: (x [B, T, D], the (keys, values) cache or None); scanned: (this layer's
         attention window when layers differ, else None; its index into a cache of every
         layer [L, B, K, S, H], or None for this layer's own [B, K, S, H]); segments: see
@@ -69,7 +69,7 @@ class DecoderLayer(nn.Module):
         window = self.window if window is None else window
         attn_in = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
         attn = Attention(c, self.dtype, self.param_dtype, name="self_attn")(
-            attn_in, cos, sin, segments, window, cache, cache_index, layer)
+            attn_in, cos, sin, segments, window, cache, cache_index, layer, slot_rope)
         if cache is not None:
             attn, cache = attn
         h = x + attn
@@ -136,6 +136,12 @@ class Qwen2ForCausalLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         cos, sin = rope_cos_sin(c, positions, self.dtype, rope_scale)  # [B, T, H]
 
+        slot_rope = None  # an int8 cache's keys get their rotated bias back (`Attention`)
+        if cache is not None and len(cache_names) == 4:
+            slots = cache["k"][0].shape[2] if per_layer_cache else cache["k"].shape[3]
+            slot_positions = jnp.broadcast_to(jnp.arange(slots), (x.shape[0], slots))  # [B, S]
+            slot_rope = rope_cos_sin(c, slot_positions, self.dtype, rope_scale)  # [B, S, H]
+
         layer = DecoderLayer
         if REMAT_POLICIES[self.remat] is not None:
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -152,7 +158,8 @@ class Qwen2ForCausalLM(nn.Module):
                 layer,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                         nn.broadcast),
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, self.dtype, self.param_dtype, sparse[0], self.moe_dispatch, static_window,
@@ -160,14 +167,14 @@ class Qwen2ForCausalLM(nn.Module):
             layer_window = None if uniform else jnp.asarray(windows)  # [L]
             layer_index = None if cache is None else jnp.arange(c.num_hidden_layers)  # [L]
             (x, layer_cache), _ = layers((x, layer_cache), (layer_window, layer_index), cos,
-                                         sin, segments, cache_index)
+                                         sin, segments, cache_index, slot_rope)
         else:  # a Python loop; layer i's cache is layer_cache[.][i]: [B, K, S, H]
             updated = []
             for i in range(c.num_hidden_layers):
                 this_cache = None if cache is None else tuple(c_[i] for c_ in layer_cache)
                 (x, this_cache), _ = layer(c, self.dtype, self.param_dtype, sparse[i],
                                            self.moe_dispatch, windows[i], name=f"layers_{i}")(
-                    (x, this_cache), (None, None), cos, sin, segments, cache_index)
+                    (x, this_cache), (None, None), cos, sin, segments, cache_index, slot_rope)
                 updated.append(this_cache)
             if cache is not None:
                 layer_cache = tuple(zip(*updated, strict=True))

@@ -39,19 +39,14 @@ def perplexity(capsys, folder: str, *flags: str) -> dict:
 
 
 def test_eval_perplexity_increase_per_quantization(capsys, folder):
-    """int8 weights <= 1%, int4 <= 10%, the int8 KV cache <= 2% above float32.
-
-    The issue's target for the int8 cache is 0.5%; it measures 1.3% (README, "Quantization"):
-    Qwen2's k_proj biases reach 211 in a few channels against a median of 0.46, so a scale
-    per token and head leaves the other channels a few steps. The bound keeps what is met
-    from regressing."""
+    """int8 weights <= 1%, int4 <= 10%, the int8 KV cache <= 0.5% above float32."""
     base = perplexity(capsys, folder)
     assert base["tokens"] >= 2000
     assert 1 < base["perplexity"] < 20  # real code, a real model
     figures = {"float32": base["perplexity"]}
     for name, flags, limit in (("int8", ("--quantize", "int8"), 0.01),
                                ("int4", ("--quantize", "int4"), 0.10),
-                               ("int8_kv", ("--kv-cache-dtype", "int8"), 0.02)):
+                               ("int8_kv", ("--kv-cache-dtype", "int8"), 0.005)):
         report = perplexity(capsys, folder, *flags)
         assert report["tokens"] == base["tokens"]
         figures[name] = report["perplexity"]
