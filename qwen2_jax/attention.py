@@ -106,7 +106,7 @@ class Attention(nn.Module):
         read (slot_rope: cos, sin [B, S, H] of every slot's position). Qwen2's biases reach
         ~200 in a few channels against a median of ~0.5: quantized with them, one scale per
         token and head leaves the other channels a step or two (+1.3% perplexity on
-        Qwen2.5-Coder-0.5B, against +0.x% without).
+        Qwen2.5-Coder-0.5B, against -0.01% without).
         """
         c = self.config
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_size
