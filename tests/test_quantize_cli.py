@@ -183,10 +183,10 @@ def test_engine_int8_cache_on_a_mesh_equals_generate(model):
     over the 8 test devices, three requests at once on two slots (chunked prefill, batched
     decode, a freed slot taken by the third): each request's greedy tokens equal `generate`
     with kv_cache_dtype="int8" on the same int8 weights."""
-    import threading
+    from test_serve import run_engine
 
     import qwen2_jax
-    from qwen2_jax.serve.engine import Engine, Sequence, Settings
+    from qwen2_jax.serve.engine import Engine
     from qwen2_jax.sharding import make_mesh
 
     mesh = make_mesh("data=2,tensor=4")
@@ -198,25 +198,10 @@ def test_engine_int8_cache_on_a_mesh_equals_generate(model):
     engine = Engine(config, params, max_batch=2, max_model_len=64, prefill_chunk=16,
                     mesh=mesh, kv_cache_dtype="int8")
     engine.start(warm_up=False)  # each program compiled at first use: scoring never is
-    results, done = {}, threading.Event()
-
-    def sequence(i):
-        tokens = []
-
-        def on_finish(reason, _):
-            results[i] = tokens
-            if len(results) == len(prompts):
-                done.set()
-
-        return Sequence(prompts[i], Settings(6, stop_token_ids=frozenset(STOPS)),
-                        lambda info: tokens.append(info.token), on_finish)
-
     try:
         k, scale = engine.cache["k"][0], engine.cache["k_scale"][0]
         assert k.dtype == np.int8 and scale.shape == (2, 1, engine.cache_slots)
         assert scale.sharding.spec[0] == k.sharding.spec[0] == "data"  # the slots split
-        engine.submit([sequence(i) for i in range(len(prompts))])
-        assert done.wait(300)
+        assert run_engine(engine, prompts, 6) == expected
     finally:
         engine.stop()
-    assert [results[i] for i in range(len(prompts))] == expected
