@@ -141,6 +141,35 @@ def assert_grads_equal_torch(config, grads, model, atol: float) -> None:
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol * scale, err_msg=rule.hf_name)
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's --dist loadfile, except that the real-model files (`test_*real_model.py`) are
+    one unit, run one after another on one worker: each holds the real model, transformers'
+    copy and the servers it starts (up to 12 GB), and two at once on the two workers
+    overflowed CI's 24 GB. (xdist's own `loadgroup` cannot tag pytest 9's node ids.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "real_model" if path.endswith("real_model.py") else path
+
+    return Scheduling(config, log)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def real_model_turn(request, tmp_path_factory):
+    """The guard behind that schedule: a file marked `real_model` at module level holds an
+    exclusive lock, shared by the xdist workers, for the whole file."""
+    if request.node.get_closest_marker("real_model") is None:
+        yield
+        return
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "real_model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def real_model_folder() -> str:
     """The embedded real model's folder (the `model` extra). Skipped where the extra is
     missing, except under CI, which installs it: there a missing one fails, so the real-model
