@@ -13,6 +13,7 @@ share a folder.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -25,6 +26,7 @@ from pathlib import Path
 import jax
 from jax._src import config as jax_config
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
 
 import qwen2_jax
 
@@ -55,6 +57,20 @@ def _describe(value) -> str:
     return repr(value)
 
 
+@contextlib.contextmanager
+def _without_jax_cache():
+    """jax's persistent compilation cache neither read nor written inside. jax decides once
+    per process whether it uses the cache (at its first compile, e.g. while the model loads),
+    so the setting alone would not turn it off here: the decision is reset on the way in and
+    out."""
+    compilation_cache.reset_cache()
+    try:
+        with jax_config.enable_compilation_cache(False):
+            yield
+    finally:
+        compilation_cache.reset_cache()
+
+
 class ProgramStore:
     """Compiled programs by key, from `folder` when it holds them (None: compile every time),
     for running on `devices` (one, or a mesh's, in its order).
@@ -83,7 +99,7 @@ class ProgramStore:
             # Compiled afresh: an executable that jax's own compilation cache hands back
             # serializes without the kernels it was built with (the restart then fails with
             # "NOT_FOUND: Function wrapped_broadcast.2 not found").
-            with jax_config.enable_compilation_cache(False):
+            with _without_jax_cache():
                 program = fn.lower(*static, *args).compile()
         self.compiled += 1
         if path is not None:
