@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from qwen2_jax import lora
 from qwen2_jax import quantize as quant
 from qwen2_jax.checkpoint import orbax_io
 from qwen2_jax.checkpoint.hf_io import CheckpointError, open_checkpoint, read_hf_params
@@ -55,8 +56,8 @@ def resolve_dtype(dtype: str | None, stored: str | None) -> jnp.dtype:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,
-         rules=None, quantize: str | None = None,
-         quantize_embeddings: bool = False) -> tuple[Qwen2Config, dict]:
+         rules=None, quantize: str | None = None, quantize_embeddings: bool = False,
+         adapter: str | os.PathLike | None = None) -> tuple[Qwen2Config, dict]:
     """Reads a model folder into (config, params).
 
     path: a Hugging Face folder (config.json and *.safetensors: one file, or shards with
@@ -73,8 +74,49 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
     as it is read, one parameter at a time, so the float model is never whole in memory;
     quantize_embeddings: the embedding (and lm_head) too. An Orbax folder written by
     `convert --quantize` is restored as it was quantized (quantize may then be omitted).
+
+    adapter: a PEFT LoRA adapter folder (`lora.py`), applied unmerged: its A and B (scale
+    folded into B) sit beside the kernels they adapt, placed by the kernels' logical axes.
     """
-    folder = os.fspath(path)
+    config, params = _load_base(os.fspath(path), dtype, mesh, rules, quantize,
+                                quantize_embeddings)
+    if adapter is not None:
+        settings, adapters = lora.load_adapter(os.fspath(adapter), config)
+        params = lora.combine(params, place_adapters(config, settings,
+                                                     lora.folded(adapters, settings), mesh,
+                                                     rules))
+        logger.info("adapter %s: LoRA r=%d on %s", adapter, settings.rank,
+                    ",".join(settings.targets))
+    return config, params
+
+
+def place_adapters(config: Qwen2Config, settings: lora.LoRAConfig, adapters: dict,
+                   mesh: Mesh | None, rules=None) -> dict:
+    """Adapters on the first device, or sharded on `mesh` by their logical axes."""
+    if mesh is None:
+        return jax.device_put(adapters, jax.local_devices()[0])
+    rules = resolve_rules(rules, mesh)
+    axes = lora.logical_axes(config, settings, param_logical_axes(config))
+    return jax.tree.map(lambda x, names: jax.device_put(
+        x, named_sharding(names, x.shape, mesh, rules)), adapters, axes,
+        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def place_stacked_adapters(config: Qwen2Config, adapters: dict, mesh: Mesh | None,
+                           rules=None) -> dict:
+    """A `lora.stack_adapters` tree placed as `place_adapters` places one adapter (the
+    adapter axis is never split)."""
+    if mesh is None:
+        return jax.device_put(adapters, jax.local_devices()[0])
+    rules = resolve_rules(rules, mesh)
+    axes = lora.stacked_logical_axes(config, adapters, param_logical_axes(config))
+    return jax.tree.map(lambda x, names: jax.device_put(
+        x, named_sharding(names, x.shape, mesh, rules)), adapters, axes,
+        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _load_base(folder: str, dtype, mesh, rules, quantize, quantize_embeddings):
+    """load without the adapter."""
     start = time.perf_counter()
     quant.check_mode(quantize)
     if os.path.exists(os.path.join(folder, INCOMPLETE_MARKER)):

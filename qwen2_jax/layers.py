@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2_jax import quantize
+from qwen2_jax import lora, quantize
 from qwen2_jax.sharding import constrain
 
 Dtype = Any
@@ -101,7 +101,8 @@ class Linear(nn.Module):
 
     Storing the kernel split by head (q: [D, N, H], o: [N, H, D]) lets tensor parallelism over
     heads be a sharding rule instead of a reshape. Given `qkernel` and `qscale` instead of
-    `kernel`, a weight-only quantized one (`quantize.py`).
+    `kernel`, a weight-only quantized one (`quantize.py`). Given `lora_a` and `lora_b`
+    besides, plus a LoRA adapter's output (`lora.py`).
     """
 
     features: tuple[int, ...]
@@ -129,6 +130,10 @@ class Linear(nn.Module):
             bias = logical_param(self, "bias", nn.initializers.zeros, self.features,
                                  self.axes[n_in:], self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.has_variable("params", "lora_a"):
+            y = y + lora.delta(self, x, self.get_variable("params", "lora_a"),
+                               self.get_variable("params", "lora_b"), n_in, self.dtype,
+                               precision(self.dtype))
         return y
 
 

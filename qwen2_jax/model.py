@@ -157,7 +157,7 @@ class Qwen2ForCausalLM(nn.Module):
             layers = nn.scan(
                 layer,
                 variable_axes={"params": 0, "intermediates": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                          nn.broadcast),
                 length=c.num_hidden_layers,

@@ -33,7 +33,7 @@ from qwen2_jax.config import Qwen2Config
 from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.preference import Pair, load_pairs, pair_batch
 from qwen2_jax.train.step import token_losses
-from qwen2_jax.train.trainer import Task, TrainArgs, fit, prepare, read_data
+from qwen2_jax.train.trainer import Task, TrainArgs, fit, load_trainable, prepare, read_data
 
 LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 METRICS = {"rewards/accuracies": "acc", "rewards/margins": "margin", "rewards/chosen": "r_c",
@@ -79,6 +79,7 @@ class DPOObjective:
     beta: float = 0.1
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None
+    adapters: Any = None  # LoRA settings (see step.SFTObjective)
 
     def totals(self, batch: dict) -> dict:
         pairs = batch["pair_weights"].shape[-1]
@@ -87,7 +88,7 @@ class DPOObjective:
 
     def __call__(self, params, micro: dict, totals: dict):
         nll = token_losses(self.config, params, micro, self.dtype, self.remat, self.mesh,
-                           self.rules)  # [2B, T]
+                           self.rules, self.adapters)  # [2B, T]
         policy = pair_logps(nll)  # [B, 2]
         lengths = micro["completion_lengths"].reshape(2, -1).T
         per_pair = preference_loss(policy, micro["ref_logps"], lengths, self.loss, self.beta,
@@ -185,7 +186,9 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
     dtype = jnp.dtype(args.compute_dtype)
     ref_path = args.ref_model or args.model
     reference, tables, ref_params = "none (reference-free)", None, None
-    if not args.reference_free:
+    # LoRA without --ref-model: the base without adapters is the reference (TRL with PEFT)
+    base_reference = args.lora_config() is not None and args.ref_model is None
+    if not args.reference_free and not base_reference:
         ref_config, ref_params = qwen2_jax.load(ref_path, dtype=args.compute_dtype, mesh=mesh,
                                                 rules=rules)
         reference = f"frozen copy of {ref_path}"
@@ -194,8 +197,15 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
                       for p, name in ((pairs, "reference log-probs"),
                                       (eval_pairs, "reference log-probs (eval)"))]
             ref_params, reference = None, f"precomputed from {ref_path}"
-    config, params = qwen2_jax.load(args.model, dtype="float32", mesh=mesh, rules=rules)
-    if not args.reference_free and ref_config.vocab_size != config.vocab_size:
+    config, params, frozen = load_trainable(args, mesh, rules)
+    if base_reference and not args.reference_free:
+        ref_params, reference = frozen, "the base model without adapters"
+        if args.precompute_ref:
+            tables = [precompute_reference(config, frozen, p, args, mesh, rules, name)
+                      for p, name in ((pairs, "reference log-probs"),
+                                      (eval_pairs, "reference log-probs (eval)"))]
+            ref_params, reference = None, "precomputed from the base model without adapters"
+    elif not args.reference_free and ref_config.vocab_size != config.vocab_size:
         raise ValueError(f"--ref-model {ref_path}: vocab_size {ref_config.vocab_size} differs "
                          f"from the model's {config.vocab_size}")
 
@@ -228,7 +238,7 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
                 for chunk in _chunks(np.arange(len(eval_pairs)), args.batch_size)]
 
     objective = DPOObjective(config, dtype, args.remat, mesh, rules, args.loss, args.beta,
-                             args.label_smoothing, args.rpo_alpha)
+                             args.label_smoothing, args.rpo_alpha, args.lora_config())
     task = Task("dpo", objective, steps_per_epoch, batch, eval_batches if eval_pairs else None,
                 bar=METRICS, summary={"data": dataclasses.asdict(stats), "reference": reference})
-    return fit(args, task, config, params)
+    return fit(args, task, config, params, frozen)

@@ -12,7 +12,7 @@ import qwen2_jax
 from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.data import load_examples, pack
 from qwen2_jax.train.step import SFTObjective
-from qwen2_jax.train.trainer import Task, TrainArgs, fit, prepare, read_data
+from qwen2_jax.train.trainer import Task, TrainArgs, fit, load_trainable, prepare, read_data
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ def run(args: SFTArgs, mesh=None, rules=None) -> dict:
                              args.skip_bad_lines, config.vocab_size)
 
     examples, stats, eval_examples = read_data(args, read)
-    config, params = qwen2_jax.load(args.model, dtype="float32", mesh=mesh, rules=rules)
+    config, params, frozen = load_trainable(args, mesh, rules)
     rules = qwen2_jax.sharding.resolve_rules(rules, mesh)
     epochs = {0: _batches(examples, args, 0)}  # only the current epoch is kept
     steps_per_epoch = len(epochs[0])
@@ -66,8 +66,9 @@ def run(args: SFTArgs, mesh=None, rules=None) -> dict:
         return [{k: jnp.asarray(v[start:start + args.batch_size])[None] for k, v in rows.items()}
                 for start in range(0, len(rows["tokens"]), args.batch_size)]
 
-    objective = SFTObjective(config, jnp.dtype(args.compute_dtype), args.remat, mesh, rules)
+    objective = SFTObjective(config, jnp.dtype(args.compute_dtype), args.remat, mesh, rules,
+                             args.lora_config())
     task = Task("sft", objective, steps_per_epoch, batch,
                 eval_batches if eval_examples else None,
                 summary={"data": dataclasses.asdict(stats)})
-    return fit(args, task, config, params)
+    return fit(args, task, config, params, frozen)

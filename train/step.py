@@ -16,22 +16,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qwen2_jax import lora
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.model import Qwen2ForCausalLM
 from qwen2_jax.sharding import use_mesh
 
 
 def token_losses(config: Qwen2Config, params: dict, batch: dict, dtype=jnp.float32,
-                 remat: str = "none", mesh=None, rules=()) -> jnp.ndarray:
+                 remat: str = "none", mesh=None, rules=(),
+                 adapters: lora.LoRAConfig | None = None) -> jnp.ndarray:
     """Per-token next-token cross-entropy [R, T] in float32 (0 where weights are 0).
 
     batch: tokens, segment_ids, positions [R, T] int32; weights [R, T] float32. Segment 0 is
-    padding.
+    padding. adapters: the settings of the LoRA leaves in params (unfolded B), whose dropout
+    draws from batch["dropout_key"] when present (none: no dropout, as in evaluation).
     """
     model = Qwen2ForCausalLM(config, dtype=dtype, remat=remat)
-    with use_mesh(mesh, rules):
+    scale, dropout = (1.0, 0.0) if adapters is None else (adapters.scale, adapters.dropout)
+    dropout = dropout if "dropout_key" in batch else 0.0
+    rngs = {"dropout": batch["dropout_key"]} if dropout else None
+    with use_mesh(mesh, rules), lora.settings(scale, dropout):
         logits = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                             (batch["segment_ids"] > 0).astype(jnp.int32), batch["segment_ids"])
+                             (batch["segment_ids"] > 0).astype(jnp.int32), batch["segment_ids"],
+                             rngs=rngs)
     targets = jnp.roll(batch["tokens"], -1, axis=1)  # token t + 1 (weights are 0 at row ends)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -82,28 +89,38 @@ class SFTObjective:
     remat: str = "none"
     mesh: Any = None
     rules: tuple = ()
+    adapters: lora.LoRAConfig | None = None  # LoRA: params hold unfolded adapter leaves
 
     def totals(self, batch: dict) -> dict:
         return {"weight": jnp.maximum(batch["weights"].sum(), 1.0)}
 
     def __call__(self, params, micro: dict, totals: dict):
         loss = token_losses(self.config, params, micro, self.dtype, self.remat, self.mesh,
-                            self.rules).sum() / totals["weight"]
+                            self.rules, self.adapters).sum() / totals["weight"]
         return loss, {"loss": loss}
 
 
-def batch_gradients(objective, params, batch) -> tuple[dict, dict]:
+def with_frozen(objective, frozen):
+    """The objective of the trainable params alone: with LoRA (frozen: the base), they are
+    the adapters, combined with the base inside, so only they get gradients."""
+    if frozen is None:
+        return objective
+    return lambda params, micro, totals: objective(lora.combine(frozen, params), micro, totals)
+
+
+def batch_gradients(objective, params, batch, frozen=None) -> tuple[dict, dict]:
     """(metrics, gradient of metrics["loss"]) of a global batch [k, ...]: the micro-batches'
     losses, metrics and gradients summed in a scan (each already divided by the global
-    totals, so the sums are exact, not means of means)."""
+    totals, so the sums are exact, not means of means). frozen: see `with_frozen`."""
     totals = objective.totals(batch)
+    loss = with_frozen(objective, frozen)
 
     def accumulate(carry, micro):
-        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, micro, totals)
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, micro, totals)
         return jax.tree.map(jnp.add, carry, (metrics, grads)), None
 
     first = jax.tree.map(lambda x: x[0], batch)
-    shapes = jax.eval_shape(lambda: objective(params, first, totals)[1])
+    shapes = jax.eval_shape(lambda: loss(params, first, totals)[1])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes, params))
     (metrics, grads), _ = jax.lax.scan(accumulate, zeros, batch)
     return metrics, grads
@@ -111,14 +128,15 @@ def batch_gradients(objective, params, batch) -> tuple[dict, dict]:
 
 @functools.partial(jax.jit, static_argnames=("objective", "train"),
                    donate_argnames=("params", "opt_state"))
-def train_step(objective, train: TrainConfig, params, opt_state, batch, step=0):
+def train_step(objective, train: TrainConfig, params, opt_state, batch, step=0, frozen=None):
     """Optimizer step number `step` (from 0; the count of updates opt_state has seen, whose
     learning rate the schedule gives) on a global batch of train.grad_accum micro-batches.
 
-    batch: arrays [k, ...] (k = grad_accum). Returns (params, opt_state, metrics: the
-    objective's, grad_norm, lr).
+    batch: arrays [k, ...] (k = grad_accum). frozen: with LoRA, the base (params are then the
+    adapters; see `with_frozen`). Returns (params, opt_state, metrics: the objective's,
+    grad_norm, lr).
     """
-    metrics, grads = batch_gradients(objective, params, batch)
+    metrics, grads = batch_gradients(objective, params, batch, frozen)
     updates, opt_state = optimizer(train).update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {**metrics, "grad_norm": optax.global_norm(grads),
@@ -126,9 +144,10 @@ def train_step(objective, train: TrainConfig, params, opt_state, batch, step=0):
 
 
 @functools.partial(jax.jit, static_argnames=("objective",))
-def evaluate_step(objective, params, batch) -> tuple[jnp.ndarray, dict]:
+def evaluate_step(objective, params, batch, frozen=None) -> tuple[jnp.ndarray, dict]:
     """(weight, metrics) of a global batch [k, ...] without gradients: metrics averaged
     over eval batches with these weights are exact for the whole eval set."""
     totals = objective.totals(batch)
-    per_micro = jax.lax.map(lambda micro: objective(params, micro, totals)[1], batch)
+    loss = with_frozen(objective, frozen)
+    per_micro = jax.lax.map(lambda micro: loss(params, micro, totals)[1], batch)
     return totals["weight"], jax.tree.map(lambda x: x.sum(0), per_micro)

@@ -25,6 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+import qwen2_jax
+from qwen2_jax import lora
+from qwen2_jax.api import place_adapters
 from qwen2_jax.checkpoint.orbax_io import PARAMS_DIR, write_metadata
 from qwen2_jax.checkpoint.output import atomic_folder, copy_model_files, is_model_folder
 from qwen2_jax.config import Qwen2Config
@@ -36,7 +39,9 @@ logger = logging.getLogger("qwen2_jax")
 
 RUN_FILE = "run.json"  # the model and shape flags of OUT's run, checked by --resume
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final", RUN_FILE)  # all a run writes in OUT
-RESUME_FLAGS = ("max_len", "batch_size", "grad_accum")  # a checkpoint's batches depend on them
+# a checkpoint's batches and trees depend on them
+RESUME_FLAGS = ("max_len", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "lora_targets",
+                "rslora", "quantize")
 
 
 class TrainingFailed(RuntimeError):
@@ -75,7 +80,25 @@ class TrainArgs:
     allow_long: bool = False
     remat: str = "none"
     compute_dtype: str = "float32"
+    lora_rank: int | None = None  # None: full fine-tune
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ",".join(lora.TARGETS)
+    rslora: bool = False
+    quantize: str | None = None  # the frozen base's, with LoRA
     progress: bool = True
+
+    def lora_config(self) -> lora.LoRAConfig | None:
+        """The LoRA settings, or None for a full fine-tune; bad values raise, naming the flag."""
+        if self.lora_rank is None:
+            return None
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        try:
+            return lora.LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, targets,
+                                   self.rslora)
+        except ValueError as e:
+            flag = next((f for f in ("rank", "alpha", "dropout", "targets") if f in str(e)), "")
+            raise ValueError(f"--lora-{flag}: {e}" if flag else str(e)) from None
 
     DEFAULT_MAX_LEN: ClassVar[int] = 2048
 
@@ -118,6 +141,26 @@ def prepare(args: TrainArgs, command: str) -> Qwen2Config:
     return config
 
 
+def load_trainable(args: TrainArgs, mesh=None, rules=None) -> tuple[Qwen2Config, dict, Any]:
+    """(config, trainable params, frozen base or None). A full fine-tune trains float32
+    params; LoRA trains new float32 adapters (`lora.init`, seeded by --seed) on a base kept in
+    --compute-dtype, or int8 with --quantize."""
+    settings = args.lora_config()
+    if settings is None:
+        config, params = qwen2_jax.load(args.model, dtype="float32", mesh=mesh, rules=rules)
+        return config, params, None
+    config, base = qwen2_jax.load(args.model, dtype=args.compute_dtype, mesh=mesh, rules=rules,
+                                  quantize=args.quantize)
+    adapters = place_adapters(config, settings, lora.init(config, settings,
+                                                          jax.random.key(args.seed)),
+                              mesh, rules)
+    count = sum(x.size for x in jax.tree.leaves(adapters))
+    logger.info("LoRA r=%d alpha=%g on %s: %d trainable parameters; the base (%s) is frozen",
+                settings.rank, settings.alpha, ",".join(settings.targets), count,
+                args.quantize or args.compute_dtype)
+    return config, adapters, base
+
+
 def check_args(args: TrainArgs, config: Qwen2Config) -> None:
     """Flag values, checked before anything is read or written; errors name the flag. Sets
     args.max_len when it is None (DEFAULT_MAX_LEN, capped at the model's
@@ -132,6 +175,11 @@ def check_args(args: TrainArgs, config: Qwen2Config) -> None:
         if not math.isfinite(value) or value < 0 or (minimum is not None and value <= minimum):
             bound = "> 0" if minimum is not None else ">= 0"
             raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}, got {value}")
+    if args.lora_config() is None and args.quantize is not None:
+        raise ValueError(f"--quantize {args.quantize} keeps the base frozen: it needs LoRA "
+                         "(--lora-rank)")
+    if args.lora_config() is not None and any(config.sparse_layers):
+        raise ValueError("--lora-rank: LoRA supports the dense Qwen2 models, not qwen2_moe")
     if args.remat not in REMAT_POLICIES:
         raise ValueError(f"--remat {args.remat}: expected one of {', '.join(REMAT_POLICIES)}")
     limit = position_limit(config)
@@ -168,7 +216,8 @@ def check_output(args: TrainArgs, command: str) -> None:
                                  f"not {now[key]}; resume with the same, or choose another "
                                  "--out")
     final = os.path.join(args.out, "final")
-    if os.path.isdir(final) and os.listdir(final) and not is_model_folder(final):
+    if (os.path.isdir(final) and os.listdir(final) and not is_model_folder(final)
+            and not lora.is_adapter_folder(final)):
         raise ValueError(f"{final} is not a model folder; the run's final model would replace "
                          "it: move it away or choose another --out")
     if found and not (args.resume or args.overwrite):
@@ -209,9 +258,11 @@ def _remove_run(out: str) -> None:
             os.remove(path)
 
 
-def fit(args: TrainArgs, task: Task, config, params) -> dict:
+def fit(args: TrainArgs, task: Task, config, params, frozen=None) -> dict:
     """Trains params (float32 masters, placed as loaded); returns a summary. Writes
     OUT/metrics.jsonl, OUT/checkpoints/<step>/, OUT/run.json and the final model as OUT/final.
+    With LoRA (args.lora_rank), params are the adapters and frozen the base: checkpoints hold
+    the adapters and their optimizer state only, and OUT/final is a PEFT adapter folder.
 
     A non-finite loss or grad norm raises TrainingFailed, and Ctrl-C TrainingInterrupted,
     after pending checkpoints are complete; no OUT/final is written then. A run that fails
@@ -246,7 +297,7 @@ def fit(args: TrainArgs, task: Task, config, params) -> dict:
             with open(os.path.join(args.out, RUN_FILE), "w", encoding="utf-8") as f:
                 json.dump(_run_record(args, task.name), f)
         params = _loop(args, task, train, params, opt_state, step, total, checkpoints,
-                       metrics_path)
+                       metrics_path, frozen)
         checkpoints.wait_until_finished()
     except BaseException:
         checkpoints.wait_until_finished()  # the last good checkpoint stays whole
@@ -258,12 +309,16 @@ def fit(args: TrainArgs, task: Task, config, params) -> dict:
     finally:
         checkpoints.close()
     final = os.path.join(args.out, "final")
-    _write_final(args, task.name, params, final)
+    if args.lora_config() is not None:
+        lora.save_adapter(final, config, args.lora_config(), params,
+                          os.path.abspath(args.model), force=True)
+    else:
+        write_params(final, params, args.model, force=True, trained_by=f"qwen2-jax {task.name}")
     return {"steps": total, "final": final, **task.summary, "metrics": metrics_path}
 
 
 def _loop(args: TrainArgs, task: Task, train: TrainConfig, params, opt_state, step: int,
-          total: int, checkpoints, metrics_path: str):
+          total: int, checkpoints, metrics_path: str, frozen=None):
     """Steps from `step` to `total`, logging each and checkpointing; returns the params."""
     bar = tqdm(total=total, initial=step, desc=task.name, disable=not args.progress,
                dynamic_ncols=True)
@@ -271,9 +326,13 @@ def _loop(args: TrainArgs, task: Task, train: TrainConfig, params, opt_state, st
         try:
             while step < total:
                 batch = task.batch(step)
+                adapters = args.lora_config()
+                if adapters is not None and adapters.dropout:  # a function of the step alone
+                    batch["dropout_key"] = jax.random.split(
+                        jax.random.fold_in(jax.random.key(args.seed), step), args.grad_accum)
                 start = time.perf_counter()
                 params, opt_state, m = train_step(task.objective, train, params, opt_state,
-                                                  batch, jnp.int32(step))
+                                                  batch, jnp.int32(step), frozen)
                 record = {"step": step + 1, **{k: float(v) for k, v in m.items()}}  # waits
                 record["tokens_per_s"] = float((batch["segment_ids"] > 0).sum()) / (
                     time.perf_counter() - start)
@@ -286,7 +345,7 @@ def _loop(args: TrainArgs, task: Task, train: TrainConfig, params, opt_state, st
                         params=ocp.args.StandardSave(params),
                         opt_state=ocp.args.StandardSave(opt_state)))
                     if task.eval_batches:
-                        record |= _evaluate(task, params)
+                        record |= _evaluate(task, params, frozen)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 shown = {"loss": f"{record['loss']:.4f}"}
@@ -320,11 +379,11 @@ def _non_finite(args: TrainArgs, record: dict, checkpoints) -> str:
             f"{record['grad_norm']}; stopped there, {kept}; no {args.out}/final was written")
 
 
-def _evaluate(task: Task, params) -> dict[str, float]:
+def _evaluate(task: Task, params, frozen=None) -> dict[str, float]:
     """The objective's metrics over the whole eval set, as `eval_<name>` (TRL's names)."""
     weights, sums = [], {}
     for batch in task.eval_batches():
-        weight, metrics = evaluate_step(task.objective, params, batch)
+        weight, metrics = evaluate_step(task.objective, params, batch, frozen)
         weights.append(float(weight))
         for k, v in metrics.items():
             sums.setdefault(k, []).append(float(v))
@@ -341,12 +400,15 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-def _write_final(args: TrainArgs, name: str, params, final: str) -> None:
-    """The trained model as an Orbax checkpoint folder (qwen2_jax.load reads it)."""
-    with atomic_folder(final, force=True) as temp:
+def write_params(out: str, params: dict, source: str, force: bool = False,
+                 guard_source: bool = False, **metadata) -> None:
+    """Params in memory as an Orbax checkpoint folder (qwen2_jax.load reads it), with the
+    config and model files of `source` (a model folder); atomic. guard_source: refuse an
+    `out` that is, holds or lies inside source."""
+    with atomic_folder(out, force=force, sources=(source,) if guard_source else ()) as temp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.abspath(os.path.join(temp, PARAMS_DIR)), params)
-        shutil.copyfile(os.path.join(args.model, "config.json"), os.path.join(temp, "config.json"))
-        copy_model_files(args.model, temp)
-        write_metadata(temp, dtype="float32", source=os.path.abspath(args.model),
-                       trained_by=f"qwen2-jax {name}")
+        shutil.copyfile(os.path.join(source, "config.json"), os.path.join(temp, "config.json"))
+        copy_model_files(source, temp)
+        write_metadata(temp, dtype=str(jax.tree.leaves(params)[0].dtype),
+                       source=os.path.abspath(source), **metadata)

@@ -1,6 +1,17 @@
 """The `qwen2-jax` subcommands: one module each, with `NAME`, `add_parser(subparsers)` (its
 flags and --help beside its code) and `run(args) -> exit code`. cli.py only dispatches."""
 
-from qwen2_jax.commands import chat, convert, demo, dpo, evaluate, export, generate, serve, sft
+from qwen2_jax.commands import (
+    chat,
+    convert,
+    demo,
+    dpo,
+    evaluate,
+    export,
+    generate,
+    merge,
+    serve,
+    sft,
+)
 
-COMMANDS = (demo, convert, export, generate, chat, serve, evaluate, sft, dpo)
+COMMANDS = (demo, convert, export, merge, generate, chat, serve, evaluate, sft, dpo)

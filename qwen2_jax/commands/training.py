@@ -29,7 +29,8 @@ LOWER = "--batch-size (raise --grad-accum to keep the global batch) or --max-len
 TRAIN_FIELDS = ("model", "data", "out", "eval_data", "max_len", "skip_bad_lines", "batch_size",
                 "grad_accum", "lr", "warmup", "decay", "weight_decay", "clip_norm", "epochs",
                 "steps", "save_every", "keep", "seed", "resume", "overwrite", "allow_long",
-                "remat", "compute_dtype")
+                "remat", "compute_dtype", "lora_rank", "lora_alpha", "lora_dropout",
+                "lora_targets", "rslora", "quantize")
 
 
 def add_train_args(parser: argparse.ArgumentParser, unit: str, max_len: int, lr: float) -> None:
@@ -82,7 +83,29 @@ def add_train_args(parser: argparse.ArgumentParser, unit: str, max_len: int, lr:
                         help="matmul dtype (master weights stay float32); bfloat16 on "
                         "accelerators")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_args(parser)
     add_mesh_args(parser)
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """LoRA: train adapters on a frozen base instead of every weight (train/trainer.py)."""
+    from qwen2_jax.lora import TARGETS
+
+    group = parser.add_argument_group(
+        "LoRA", "train low-rank adapters only (PEFT's LoRA); OUT/final is then a PEFT adapter "
+        "folder that peft, `load(adapter=)`, `merge` and `serve --lora` read")
+    group.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                       help="adapter rank; enables LoRA (default: full fine-tune)")
+    group.add_argument("--lora-alpha", type=float, default=8.0, metavar="A",
+                       help="scaling alpha: updates are scaled by alpha / R (default 8, PEFT's)")
+    group.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                       help="dropout on each adapter's input (default 0)")
+    group.add_argument("--lora-targets", default=",".join(TARGETS), metavar="NAMES",
+                       help=f"comma-separated projections to adapt (default {','.join(TARGETS)})")
+    group.add_argument("--rslora", action="store_true",
+                       help="rank-stabilized LoRA: scale by alpha / sqrt(R)")
+    group.add_argument("--quantize", choices=("int8",), default=None,
+                       help="keep the frozen base int8 (QLoRA-style; needs --lora-rank)")
 
 
 def run_training(args: argparse.Namespace, args_class, run, fields: tuple[str, ...]) -> int:
