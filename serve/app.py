@@ -5,6 +5,10 @@ GET /metrics. Each request becomes one engine `Sequence` per prompt and choice; 
 thread hands tokens to the request's asyncio queue. Errors are OpenAI's body with a 4xx
 status (400 bad request, 401 bad key, 404 unknown model, 429 queue full, 503 warming up or
 shutting down); a client that disconnects cancels its sequences, freeing their slots.
+
+LoRA adapters (`serve --lora NAME=DIR`) are picked by the request's `model`, as vLLM's
+`--lora-modules`: the base's names run the base, an adapter's NAME its engine slot; replies
+carry the name asked for, and /v1/models lists every adapter with its base as "parent".
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class Server:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_names: str | list[str], *,
                  api_keys: list[str] | None = None, defaults: dict | None = None,
-                 eos_token_ids: set[int] | None = None, root: str = ""):
+                 eos_token_ids: set[int] | None = None, root: str = "",
+                 adapters: dict[str, str] | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         names = [model_names] if isinstance(model_names, str) else list(model_names)
@@ -49,6 +54,9 @@ class Server:
         self.defaults = defaults or {}
         self.eos_token_ids = set(eos_token_ids or ())
         self.root = root
+        # adapter NAME -> its folder, in engine slot order (slot 1 first)
+        self.adapters = dict(adapters or {})
+        self.slots = {name: slot for slot, name in enumerate(self.adapters, start=1)}
         self.created = int(time.time())
 
     # -- checks -----------------------------------------------------------------------------
@@ -68,11 +76,18 @@ class Server:
             raise ApiError(503, "the server is warming up (compiling); retry shortly, or "
                            "wait for GET /health to answer 200")
 
-    def check_model(self, body: dict) -> None:
+    def check_model(self, body: dict) -> tuple[str, int]:
+        """(the name replies carry, the engine's adapter slot) of the request's model."""
         name = body.get("model")
-        if name is not None and name not in self.model_names:
+        if name is None:
+            return self.model_name, 0
+        if name in self.slots:
+            return name, self.slots[name]
+        if name not in self.model_names:
+            served = sorted(self.model_names) + list(self.adapters)
             raise ApiError(404, f"the model {name!r} does not exist; this server serves "
-                           f"{' or '.join(map(repr, sorted(self.model_names)))}", "model")
+                           f"{' or '.join(map(repr, served))}", "model")
+        return name, 0
 
     def prompt_ids(self, prompt, field: str = "prompt") -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -105,7 +120,8 @@ class Server:
 class Job:
     """One HTTP request in flight: its sequences and the queue their events arrive on."""
 
-    def __init__(self, server: Server, parsed, prompts: list[list[int]], max_tokens: list[int]):
+    def __init__(self, server: Server, parsed, prompts: list[list[int]], max_tokens: list[int],
+                 adapter: int = 0):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.parsed = parsed
@@ -123,7 +139,7 @@ class Job:
                                              parsed.skip_special_tokens))
                 self.sequences.append(Sequence(
                     prompt, settings, on_token=self._on_token(index),
-                    on_finish=self._on_finish(index), sample_index=j))
+                    on_finish=self._on_finish(index), sample_index=j, adapter=adapter))
 
     def _send(self, event) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
@@ -253,16 +269,15 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
         try:
             body = await read_body(request)
             parsed = protocol.parse_completion(body, server.defaults)
-            server.check_model(body)
+            model, adapter = server.check_model(body)
             prompts = [server.prompt_ids(p) for p in parsed.prompts]
             max_tokens = [server.max_tokens(parsed, len(p)) for p in prompts]
-            job = Job(server, parsed, prompts, max_tokens)
+            job = Job(server, parsed, prompts, max_tokens, adapter)
             await start(job)
         except ApiError as e:
             return _error_response(e)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created,
-                "model": server.model_name}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model}
         want_logprobs = parsed.settings["logprobs"] is not None
         if parsed.stream:
             offsets = [0] * len(job.sequences)
@@ -305,7 +320,7 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
         try:
             body = await read_body(request)
             parsed = protocol.parse_chat(body, server.defaults)
-            server.check_model(body)
+            model, adapter = server.check_model(body)
             try:
                 text = server.tokenizer.apply_chat_template(
                     parsed.prompts[0], add_generation_prompt=body.get("add_generation_prompt",
@@ -314,7 +329,8 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
                 raise ApiError(400, f"the chat template refused the messages: {e}",
                                "messages") from e
             prompt = server.prompt_ids(text, "messages")
-            job = Job(server, parsed, [prompt], [server.max_tokens(parsed, len(prompt))])
+            job = Job(server, parsed, [prompt], [server.max_tokens(parsed, len(prompt))],
+                      adapter)
             await start(job)
         except ApiError as e:
             return _error_response(e)
@@ -322,7 +338,7 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
         want_logprobs = parsed.settings["logprobs"] is not None
         if parsed.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": server.model_name}
+                    "model": model}
 
             def delta(i, content, reason=None, logprobs=None):
                 return {"index": i, "delta": content, "logprobs": logprobs,
@@ -352,7 +368,7 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
                             "logprobs": chat_logprobs(server.tokenizer, text.tokens)
                             if want_logprobs else None, "finish_reason": reason})
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
-                             "model": server.model_name, "choices": choices,
+                             "model": model, "choices": choices,
                              "usage": _usage(job)})
 
     async def models(request: Request):
@@ -360,10 +376,14 @@ def build_app(server: Server, on_shutdown=None) -> Starlette:
             server.check_key(request)
         except ApiError as e:
             return _error_response(e)
-        return JSONResponse({"object": "list", "data": [{
-            "id": server.model_name, "object": "model", "created": server.created,
-            "owned_by": "qwen2-jax", "root": server.root,
-            "max_model_len": engine.max_model_len}]})
+        def card(name: str, root: str, parent: str | None) -> dict:
+            return {"id": name, "object": "model", "created": server.created,
+                    "owned_by": "qwen2-jax", "root": root, "parent": parent,
+                    "max_model_len": engine.max_model_len}
+
+        return JSONResponse({"object": "list", "data": [
+            card(server.model_name, server.root, None),
+            *(card(name, root, server.model_name) for name, root in server.adapters.items())]})
 
     async def health(request: Request):
         if engine.error is not None:

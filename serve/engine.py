@@ -11,6 +11,10 @@ Each slot owns its rows of one preallocated KV cache. The scheduler loop, on its
    every busy slot, with each row's sampling settings as arrays (one program per batch size
    for any mix of requests), and hands each running request its token.
 
+With LoRA adapters (`adapters=`, a `lora.stack_adapters` tree) each request names its
+adapter slot (`Sequence.adapter`, 0 = the base); the slot's row carries it into every program
+(`step`'s adapter_rows), so requests for different adapters share the decode step.
+
 Requests talk to the engine through `Sequence`: the engine calls `on_token` with each token
 (returning a finish reason stops it, e.g. a stop string the caller matched) and `on_finish`
 once. Both run on the scheduler thread and must be quick.
@@ -29,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2_jax import attention
+from qwen2_jax import attention, lora
+from qwen2_jax.api import place_stacked_adapters
 from qwen2_jax.decoding import check_kv_cache_dtype, position_limit, unstack_layers
 from qwen2_jax.layers import compute_dtype
 from qwen2_jax.rope import dynamic_yarn_scale
@@ -93,6 +98,7 @@ class Sequence:
     on_token: Callable[[TokenInfo], str | None]
     on_finish: Callable[[str, list | None], None]
     sample_index: int = 0
+    adapter: int = 0  # the LoRA adapter slot (Engine(adapters=)); 0: the base model
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False
     generated: int = 0
@@ -163,13 +169,16 @@ class Engine:
     kv_cache_dtype: "auto" keeps the cache in the compute dtype; "int8" stores keys and
     values as int8 with float32 "k_scale", "v_scale" [max_batch, K, slots] per layer
     (`decoding.init_cache`'s layout, one layer at a time), so about twice the slots fit.
+
+    adapters: LoRA adapters served beside the base, a `lora.stack_adapters` tree (A - 1
+    adapters; slot 0 the base), placed on the engine's devices and combined into its params.
     """
 
     def __init__(self, config, params, *, max_batch: int = 8, max_model_len: int = 4096,
                  prefill_chunk: int = 512, max_queue: int = 256, vocab_size: int | None = None,
                  dtype=None, mesh=None, rules=None, yarn: str = "dynamic",
                  metrics: Metrics | None = None, program_dir: str | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", adapters: dict | None = None):
         check_kv_cache_dtype(kv_cache_dtype)
         if max_batch < 1 or max_model_len < 2 or prefill_chunk < MIN_CHUNK or max_queue < 1:
             raise ValueError("max_batch, max_queue >= 1, max_model_len >= 2, prefill_chunk "
@@ -202,6 +211,12 @@ class Engine:
                        "decode": (step.decode, (*statics, self.vocab_size)),
                        "score": (step.score_chunk, statics),
                        "move": (step.move_row, (self.mesh, self.rules))}
+        self.adapter_count = 0  # A: adapter slots, the base's included (0: no adapters)
+        if adapters is not None:
+            self.adapter_count = jax.tree.leaves(adapters)[0].shape[
+                1 if "layers" in adapters else 0]
+            params = lora.combine(params, place_stacked_adapters(config, adapters, self.mesh,
+                                                                 self.rules))
         # Per-layer weights (the unrolled decode is ~2x faster on CPU than scanning).
         self.params = unstack_layers(params, config.num_hidden_layers)
         self.slots: list[_Slot | None] = [None] * max_batch
@@ -218,8 +233,11 @@ class Engine:
 
     def submit(self, sequences: list[Sequence]) -> None:
         """Queues requests, all or none (thread-safe). Raises ValueError for one past the
-        context, QueueFull, or EngineStopped."""
+        context or naming an adapter slot the engine lacks, QueueFull, or EngineStopped."""
         for sequence in sequences:
+            if not 0 <= sequence.adapter < max(self.adapter_count, 1):
+                raise ValueError(f"adapter slot {sequence.adapter}: this engine has "
+                                 f"{max(self.adapter_count - 1, 0)} adapters")
             total = len(sequence.prompt) + sequence.settings.max_tokens
             if total > self.max_model_len:
                 raise ValueError(f"prompt ({len(sequence.prompt)} tokens) + max_tokens "
@@ -310,6 +328,14 @@ class Engine:
             return None
         return np.array([1.0 if s is None else s.rope_scale for s in slots], np.float32)
 
+    def _adapter_rows(self, slots: list[_Slot | None]):
+        """Each row's adapter slot, one-hot [n, A] float32 (empty rows: the base), or None
+        without adapters."""
+        if not self.adapter_count:
+            return None
+        return np.eye(self.adapter_count, dtype=np.float32)[
+            [0 if s is None else s.sequence.adapter for s in slots]]
+
     def _program(self, name: str, size: int, args: tuple):
         """The compiled step program `name` for chunk width or batch size `size`: compiled,
         or read from the store, on first use (every one during warm-up)."""
@@ -327,19 +353,19 @@ class Engine:
                       last: int) -> tuple:
         return (self.params, self.cache, self.state, np.int32(index), ids[None],
                 np.int32(start), np.int32(last), slot.prompt_mask, self._settings([slot]),
-                self._rope_scale([slot]))
+                self._rope_scale([slot]), self._adapter_rows([slot]))
 
     def _score_args(self, index: int, slot: _Slot, ids: np.ndarray, start: int,
                     targets: np.ndarray) -> tuple:
         return (self.params, self.cache, np.int32(index), ids, np.int32(start), targets,
-                self._rope_scale([slot]))
+                self._rope_scale([slot]), self._adapter_rows([slot]))
 
     def _decode_args(self, n: int) -> tuple:
         slots = self.slots[:n]
         lengths = np.array([0 if s is None else s.length for s in slots], np.int32)
         active = np.array([s is not None and not s.chunks for s in slots], bool)
         return (self.params, self.cache, self.state, lengths, active, self._settings(slots),
-                self._rope_scale(slots))
+                self._rope_scale(slots), self._adapter_rows(slots))
 
     def _move_args(self, source: int, target: int) -> tuple:
         return self.cache, self.state, np.int32(source), np.int32(target)

@@ -6,6 +6,11 @@ argument, so one compiled decode step serves every mix of requests. The cache is
 an int8 cache adds "k_scale", "v_scale" tuples of [B, K, S], which every helper here carries
 along as it does the keys) and donated by every program, so it is written in place.
 
+With LoRA adapters served (`lora.stack_adapters` leaves beside the kernels), each program
+takes `adapter_rows` [B, A]: every row's one-hot adapter slot (slot 0 the base), so rows of
+different adapters share one step; without adapters it is None and the programs are as
+before.
+
 A row's random key is derived from its request's seed, its sample index (`n`) and the index
 of the token being chosen, never from the batch: a seeded request gives the same tokens alone
 and beside any other requests.
@@ -13,12 +18,14 @@ and beside any other requests.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax import lora
 from qwen2_jax.attention import CACHE_AXES
 from qwen2_jax.decoding import _model
 from qwen2_jax.sharding import named_sharding
@@ -133,6 +140,14 @@ def _placed(mesh, rules, cache: dict, state: dict | None = None):
     return cache, state
 
 
+def _adapters(adapter_rows):
+    """Within it (at trace time), `Linear` applies each row's adapter slot: adapter_rows
+    [B, A] one-hot, or None when no adapters are served."""
+    if adapter_rows is None:
+        return contextlib.nullcontext()
+    return lora.settings(rows=adapter_rows)
+
+
 def _rows(cache: dict, slot, count: int = 1) -> dict:
     return {name: tuple(jax.lax.dynamic_slice_in_dim(c, slot, count, axis=0) for c in layers)
             for name, layers in cache.items()}
@@ -147,18 +162,20 @@ def _put_rows(cache: dict, rows: dict, slot) -> dict:
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "vocab_size"),
                    donate_argnames=("cache", "state"))
 def prefill_chunk(config, dtype, mesh, rules, vocab_size, params, cache, state, slot, ids, start,
-                  last, prompt_mask, settings, rope_scale):
+                  last, prompt_mask, settings, rope_scale, adapter_rows=None):
     """Writes one chunk of slot `slot`'s prompt, ids [1, C], into its cache rows at
     start .. start + C - 1. `last` (an index into the chunk, or -1 while the prompt goes on)
     marks the prompt's final token: then the row's first token is chosen from its logits,
     and the row's decode state (token, prompt_mask [V], counts) is set.
 
-    settings: this row's RowSettings, each [1]. Returns (cache, state, Chosen of [1]).
+    settings: this row's RowSettings, each [1]; adapter_rows: its adapter slot [1, A].
+    Returns (cache, state, Chosen of [1]).
     """
     row_cache = _rows(cache, slot)
-    logits, row_cache = _model(config, dtype, mesh, rules, params, row_cache, ids,
-                               jnp.reshape(start, (1,)), jnp.maximum(last, 0)[None],
-                               rope_scale, scan_layers=False)
+    with _adapters(adapter_rows):
+        logits, row_cache = _model(config, dtype, mesh, rules, params, row_cache, ids,
+                                   jnp.reshape(start, (1,)), jnp.maximum(last, 0)[None],
+                                   rope_scale, scan_layers=False)
     cache = _put_rows(cache, row_cache, slot)
     mask = prompt_mask[None]  # [1, V]
     chosen = choose(logits, mask, jnp.zeros(mask.shape, jnp.int32), settings, vocab_size)
@@ -177,18 +194,20 @@ def prefill_chunk(config, dtype, mesh, rules, vocab_size, params, cache, state, 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules", "vocab_size"),
                    donate_argnames=("cache", "state"))
 def decode(config, dtype, mesh, rules, vocab_size, params, cache, state, lengths, active,
-           settings, rope_scale):
+           settings, rope_scale, adapter_rows=None):
     """One token for each of the first n = len(lengths) slots (the engine keeps its requests
     in the lowest slots, so a lightly loaded server runs a small batch): feeds
     state["token"][:n] at slot lengths[b] and chooses the next. Rows that are not `active`
     [n] (free, or still in prefill) compute at a slot their own later writes overwrite, and
-    leave their state alone. Returns (cache, state, Chosen of [n])."""
+    leave their state alone. adapter_rows [n, A]: each row's adapter slot. Returns (cache,
+    state, Chosen of [n])."""
     n = lengths.shape[0]
     rows_cache = _rows(cache, 0, n)
     rows_state = {name: value[:n] for name, value in state.items()}
-    logits, rows_cache = _model(config, dtype, mesh, rules, params, rows_cache,
-                                rows_state["token"][:, None], lengths,
-                                jnp.zeros_like(lengths), rope_scale, scan_layers=False)
+    with _adapters(adapter_rows):
+        logits, rows_cache = _model(config, dtype, mesh, rules, params, rows_cache,
+                                    rows_state["token"][:, None], lengths,
+                                    jnp.zeros_like(lengths), rope_scale, scan_layers=False)
     cache = _put_rows(cache, rows_cache, 0)
     chosen = choose(logits, rows_state["prompt_mask"], rows_state["counts"], settings,
                     vocab_size)
@@ -215,13 +234,15 @@ def move_row(mesh, rules, cache, state, source, target):
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh", "rules"),
                    donate_argnames=("cache",))
 def score_chunk(config, dtype, mesh, rules, params, cache, slot, ids, start,
-                targets, rope_scale):
+                targets, rope_scale, adapter_rows=None):
     """Like a prefill chunk, but returns the log-probabilities of every position's next
     token `targets` [1, C] (echo: prompt log-probs) and each position's TOP_LOGPROBS. Returns
     (cache, logprob [C], top_ids [C, TOP_LOGPROBS], top_logprobs [C, TOP_LOGPROBS])."""
     row_cache = _rows(cache, slot)
-    logits, row_cache = _model(config, dtype, mesh, rules, params, row_cache, ids,
-                               jnp.reshape(start, (1,)), None, rope_scale, scan_layers=False)
+    with _adapters(adapter_rows):
+        logits, row_cache = _model(config, dtype, mesh, rules, params, row_cache, ids,
+                                   jnp.reshape(start, (1,)), None, rope_scale,
+                                   scan_layers=False)
     cache, _ = _placed(mesh, rules, _put_rows(cache, row_cache, slot))
     logprobs = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # [C, V]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))

@@ -48,7 +48,13 @@ generation_config.json (greedy without one, or unless it says do_sample).
 Warm-up compiles every program before /health turns 200. --compile-cache keeps the compiled
 programs on disk: a restart with the same model, flags, devices and qwen2-jax version reads
 them back instead of tracing and compiling. SIGTERM or Ctrl-C drains: no new connections, running requests
-finish, then the server exits."""
+finish, then the server exits.
+
+--lora NAME=DIR (repeatable) serves PEFT LoRA adapters beside the base, as vLLM's
+--lora-modules: a request whose "model" is NAME runs with that adapter, one naming the base
+runs without, and /v1/models lists both. Requests for different adapters and for the base
+share each decode step: every row applies its own adapter (unmerged, rank padded to the
+largest), at the cost of every adapter's x @ A for every row."""
 
 
 def add_parser(sub) -> None:
@@ -64,6 +70,9 @@ def add_parser(sub) -> None:
                         help="the model name(s) clients may send; /v1/models lists and replies "
                         "carry the first (default: the model folder's name; for the embedded "
                         f"model also {EMBEDDED_REPO!r}, as in its model card)")
+    parser.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
+                        help="serve the PEFT LoRA adapter in DIR as model NAME beside the "
+                        "base (repeat for several; requests pick one by their 'model' field)")
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on /v1/* (repeat for "
                         "several keys; default: $QWEN2_JAX_API_KEY, else no key)")
@@ -102,6 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
     check_at_least(args, 1, "max_batch", "max_queue", "max_model_len")
     check_at_least(args, 16, "prefill_chunk")
     quantize = quantize_from_args(args)
+    lora_flags = parse_lora_flags(args.lora or [])
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     listener = bind(args.host, args.port)  # before the model loads: a taken port fails now
@@ -122,6 +132,10 @@ def _serve(args: argparse.Namespace) -> int:
     if max_model_len > limit:
         raise UsageError(f"--max-model-len {max_model_len} is past the model's position "
                          f"limit {limit}")
+    names = args.served_model_name or [os.path.basename(os.path.normpath(model))]
+    if args.served_model_name is None and args.model is None:
+        names = [EMBEDDED_REPO, *names]
+    adapters = load_adapters(config, lora_flags, names)
     settings = generation_defaults(model)
     tokenizer = Tokenizer(model)
     eos = set(settings.pop("stop_token_ids"))
@@ -135,18 +149,17 @@ def _serve(args: argparse.Namespace) -> int:
                     prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                     vocab_size=min(len(tokenizer), config.vocab_size), mesh=mesh,
                     rules=rules, yarn=args.yarn, program_dir=program_dir,
-                    kv_cache_dtype=args.kv_cache_dtype)
+                    kv_cache_dtype=args.kv_cache_dtype, adapters=adapters)
     del params  # the engine keeps its own per-layer copy
     keys = args.api_key or ([os.environ["QWEN2_JAX_API_KEY"]]
                             if os.environ.get("QWEN2_JAX_API_KEY") else [])
-    names = args.served_model_name or [os.path.basename(os.path.normpath(model))]
-    if args.served_model_name is None and args.model is None:
-        names = [EMBEDDED_REPO, *names]
     server = Server(engine, tokenizer, names, api_keys=keys, defaults=defaults,
-                    eos_token_ids=eos, root=model)
+                    eos_token_ids=eos, root=model, adapters=lora_flags)
     logger.info("serving %s as %s on http://%s:%d (%d slots of %d tokens; %s)", model,
                 " or ".join(map(repr, names)), args.host, args.port, args.max_batch,
                 max_model_len, storage)
+    for name, folder in lora_flags.items():
+        logger.info("LoRA adapter %r from %s", name, folder)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: a
     # drained shutdown is a clean exit (0), not death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -157,6 +170,43 @@ def _serve(args: argparse.Namespace) -> int:
         raise RuntimeError("the HTTP server did not start (see the log above)")
     logger.info("stopped")
     return 0
+
+
+def parse_lora_flags(values: list[str]) -> dict[str, str]:
+    """{NAME: DIR} of the --lora values, in order; a UsageError for a malformed or repeated
+    NAME, or a DIR that does not exist."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise UsageError(f"--lora {value}: expected NAME=DIR (the adapter's model name, "
+                             "then its PEFT folder)")
+        if name in out:
+            raise UsageError(f"--lora {value}: the name {name!r} is given twice")
+        if not os.path.isdir(folder):
+            raise UsageError(f"--lora {value}: no such folder (expected a PEFT LoRA adapter "
+                             "folder)")
+        out[name] = folder
+    return out
+
+
+def load_adapters(config, lora_flags: dict[str, str], names: list[str]) -> dict | None:
+    """The --lora adapters as one `lora.stack_adapters` tree (None without any), checked
+    against the model; a UsageError names the flag."""
+    from qwen2_jax import lora
+
+    if not lora_flags:
+        return None
+    loaded = []
+    for name, folder in lora_flags.items():
+        if name in names:
+            raise UsageError(f"--lora {name}={folder}: {name!r} is the base model's name; "
+                             "give the adapter another")
+        try:
+            loaded.append(lora.load_adapter(folder, config))
+        except ValueError as e:
+            raise UsageError(f"--lora {name}={folder}: {e}") from None
+    return lora.stack_adapters(config, loaded)
 
 
 def bind(host: str, port: int) -> socket.socket:
