@@ -93,23 +93,24 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = 
 def place_adapters(config: Qwen2Config, settings: lora.LoRAConfig, adapters: dict,
                    mesh: Mesh | None, rules=None) -> dict:
     """Adapters on the first device, or sharded on `mesh` by their logical axes."""
-    if mesh is None:
-        return jax.device_put(adapters, jax.local_devices()[0])
-    rules = resolve_rules(rules, mesh)
-    axes = lora.logical_axes(config, settings, param_logical_axes(config))
-    return jax.tree.map(lambda x, names: jax.device_put(
-        x, named_sharding(names, x.shape, mesh, rules)), adapters, axes,
-        is_leaf=lambda x: isinstance(x, tuple))
+    return _place_by_axes(adapters, lambda: lora.logical_axes(
+        config, settings, param_logical_axes(config)), mesh, rules)
 
 
 def place_stacked_adapters(config: Qwen2Config, adapters: dict, mesh: Mesh | None,
                            rules=None) -> dict:
     """A `lora.stack_adapters` tree placed as `place_adapters` places one adapter (the
     adapter axis is never split)."""
+    return _place_by_axes(adapters, lambda: lora.stacked_logical_axes(
+        config, adapters, param_logical_axes(config)), mesh, rules)
+
+
+def _place_by_axes(adapters: dict, axes_of, mesh: Mesh | None, rules) -> dict:
+    """device_put of each leaf on the first device, or on mesh by axes_of()'s names."""
     if mesh is None:
         return jax.device_put(adapters, jax.local_devices()[0])
     rules = resolve_rules(rules, mesh)
-    axes = lora.stacked_logical_axes(config, adapters, param_logical_axes(config))
+    axes = axes_of()
     return jax.tree.map(lambda x, names: jax.device_put(
         x, named_sharding(names, x.shape, mesh, rules)), adapters, axes,
         is_leaf=lambda x: isinstance(x, tuple))

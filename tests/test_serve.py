@@ -35,14 +35,20 @@ def model(tmp_path_factory, qwen2_tokenizer_dir):
     from qwen2_jax.tokenizer import Tokenizer
 
     folder = tmp_path_factory.mktemp("serve_model")
+    make_serving_model(folder, qwen2_tokenizer_dir)
+    config, params = qwen2_jax.load(str(folder))
+    return str(folder), config, params, Tokenizer(str(folder))
+
+
+def make_serving_model(folder, tokenizer_dir) -> None:
+    """Saves a tiny random Qwen2 with the real vocabulary and tokenizer, greedy, stopping at
+    eos, into folder."""
     make_hf_model(folder, vocab_size=151936, hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((qwen2_tokenizer_dir / name).read_bytes())
+        (folder / name).write_bytes((tokenizer_dir / name).read_bytes())
     (folder / "generation_config.json").write_text(
         json.dumps({"do_sample": False, "eos_token_id": STOPS}))
-    config, params = qwen2_jax.load(str(folder))
-    return str(folder), config, params, Tokenizer(str(folder))
 
 
 @pytest.fixture(scope="module")

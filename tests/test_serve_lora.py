@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import openai
 import pytest
-from test_serve import STOPS, TOKENIZER_SIZE
+from test_serve import STOPS, TOKENIZER_SIZE, make_serving_model
 
 from conftest import make_hf_model
 from qwen2_jax import lora
@@ -34,12 +34,7 @@ def model(tmp_path_factory, qwen2_tokenizer_dir):
 
     root = tmp_path_factory.mktemp("serve_lora")
     folder = root / "base"
-    make_hf_model(folder, vocab_size=151936, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((qwen2_tokenizer_dir / name).read_bytes())
-    (folder / "generation_config.json").write_text(
-        json.dumps({"do_sample": False, "eos_token_id": STOPS}))
+    make_serving_model(folder, qwen2_tokenizer_dir)
     config, params = qwen2_jax.load(str(folder))
     adapters = {}
     for i, (name, settings) in enumerate(ADAPTERS.items()):
