@@ -83,6 +83,14 @@ class DecoderLayer(nn.Module):
         return (constrain(y, ("batch", "length", "embed")), cache), None
 
 
+def lm_head(config: Qwen2Config, params: dict, dtype: Dtype = jnp.float32):
+    """The vocab projection of `params` on its own: float32 logits [B, T, V] of final-normed
+    hidden states [B, T, D] (`hidden_only`), the table tied to the embeddings or not."""
+    name = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+    table = Embedding(config.vocab_size, config.hidden_size, config.initializer_range, dtype)
+    return lambda x: table.apply({"params": params[name]}, x, method=Embedding.attend)
+
+
 class Qwen2ForCausalLM(nn.Module):
     """`apply({'params': p}, input_ids, positions, token_mask, segment_ids)` -> logits.
 
@@ -98,6 +106,8 @@ class Qwen2ForCausalLM(nn.Module):
     attending to every slot before (`positions`, `token_mask` and `segment_ids` are then
     ignored); returns (logits, updated cache). `logits_at` [B]: logits only at that index of
     each row, [B, V] (generation needs no others; the vocab projection is the largest matmul).
+    `hidden_only`: the final-normed hidden states [B, T, D] instead of logits (the training
+    loss applies the lm_head in chunks, `train/step.py`; see `lm_head`).
     """
 
     config: Qwen2Config
@@ -112,7 +122,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, positions, token_mask, segment_ids, cache=None,
-                 cache_index=None, logits_at=None, rope_scale=None):
+                 cache_index=None, logits_at=None, rope_scale=None, hidden_only=False):
         c = self.config
 
         def table(name: str) -> Embedding:
@@ -184,6 +194,8 @@ class Qwen2ForCausalLM(nn.Module):
         if logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(x)
+        if hidden_only:
+            return x
         lm_head = embed_tokens if c.tie_word_embeddings else table("lm_head")
         logits = constrain(lm_head.attend(x), ("batch", "length", "vocab"))  # [B, T, V]
         if logits_at is not None:

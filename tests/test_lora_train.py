@@ -22,6 +22,7 @@ import qwen2_jax
 from conftest import make_hf_model, make_word_chat_model
 from qwen2_jax import lora
 from qwen2_jax.quantize import dequantize_params
+from qwen2_jax.train import step
 from qwen2_jax.train.data import pack
 from qwen2_jax.train.step import SFTObjective, batch_gradients
 
@@ -42,8 +43,13 @@ def our_gradients(config, base, adapters, settings, batch):
     return float(metrics["loss"]), grads
 
 
-def test_adapter_gradients_equal_peft_autograd(tmp_path, rng):
-    model = make_hf_model(tmp_path)
+@pytest.mark.parametrize("loss_chunk", [None, 5], ids=["one_chunk", "tied_chunks_of_5"])
+def test_adapter_gradients_equal_peft_autograd(tmp_path, rng, monkeypatch, loss_chunk):
+    """Also with the loss (and its gradient, made in the forward pass for a frozen head) in
+    chunks of 5 positions of the 16-token rows, the lm_head tied to the embeddings."""
+    if loss_chunk:
+        monkeypatch.setattr(step, "LOSS_CHUNK", loss_chunk)
+    model = make_hf_model(tmp_path, tie_word_embeddings=loss_chunk is not None)
     config, base = qwen2_jax.load(tmp_path)
     settings = lora.LoRAConfig(rank=4, alpha=6.0, targets=("q_proj", "v_proj", "o_proj",
                                                            "down_proj"), rslora=True)

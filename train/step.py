@@ -18,8 +18,10 @@ import optax
 
 from qwen2_jax import lora
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.model import Qwen2ForCausalLM
-from qwen2_jax.sharding import use_mesh
+from qwen2_jax.model import Qwen2ForCausalLM, lm_head
+from qwen2_jax.sharding import constrain, use_mesh
+
+LOSS_CHUNK = 128  # tokens of each row whose logits [R, LOSS_CHUNK, V] exist at once
 
 
 def token_losses(config: Qwen2Config, params: dict, batch: dict, dtype=jnp.float32,
@@ -36,13 +38,90 @@ def token_losses(config: Qwen2Config, params: dict, batch: dict, dtype=jnp.float
     dropout = dropout if "dropout_key" in batch else 0.0
     rngs = {"dropout": batch["dropout_key"]} if dropout else None
     with use_mesh(mesh, rules), lora.settings(scale, dropout):
-        logits = model.apply({"params": params}, batch["tokens"], batch["positions"],
+        hidden = model.apply({"params": params}, batch["tokens"], batch["positions"],
                              (batch["segment_ids"] > 0).astype(jnp.int32), batch["segment_ids"],
-                             rngs=rngs)
-    targets = jnp.roll(batch["tokens"], -1, axis=1)  # token t + 1 (weights are 0 at row ends)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+                             rngs=rngs, hidden_only=True)  # [R, T, D]
+        targets = jnp.roll(batch["tokens"], -1, axis=1)  # token t + 1 (weights 0 at row ends)
+        head = lm_head(config, params, dtype)
+        nll = (frozen_head_cross_entropy(head, hidden, targets) if adapters
+               else chunked_cross_entropy(head, hidden, targets))
     return nll * batch["weights"]
+
+
+def chunked_cross_entropy(head, hidden: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    """-log softmax(head(hidden))[targets], [R, T] float32, LOSS_CHUNK positions of each row
+    at a time.
+
+    The float32 logits of all R x T tokens (0.6 GB for 1k tokens of Qwen2's 152k vocab, and
+    as much again for their gradient) would be the step's largest buffer. Each chunk's logits
+    are made, reduced to [R, C] and dropped; the backward pass makes them again (one more
+    vocab matmul) instead of keeping them.
+    """
+    return _over_chunks(functools.partial(_cross_entropy, head), hidden, targets)
+
+
+def frozen_head_cross_entropy(head, hidden: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    """`chunked_cross_entropy` for a head that gets no gradient (LoRA: the table is frozen).
+
+    The gradient to hidden is made with the loss, chunk by chunk (softmax - one_hot, times
+    the table), and kept ([R, T, D], small); the backward pass only scales it. This saves the
+    vocab matmul that the backward pass would otherwise spend making each chunk's logits
+    again: about 15% of a LoRA step of the 0.5B model. A head that is differentiated is an
+    error (jax refuses a custom_vjp closing over it), never a silent zero gradient.
+    """
+
+    @jax.custom_vjp
+    def loss(h):
+        return chunked_cross_entropy(head, h, targets)
+
+    def loss_and_grad(h):
+        return _over_chunks(functools.partial(_cross_entropy_and_grad, head), h, targets)
+
+    def backward(dloss_dh, g):  # g: the cotangent of the losses [R, T]
+        return ((g[..., None] * dloss_dh).astype(hidden.dtype),)
+
+    loss.defvjp(loss_and_grad, backward)
+    return loss(hidden)
+
+
+def _over_chunks(fn, hidden: jnp.ndarray, targets: jnp.ndarray):
+    """fn(hidden [R, C, D], targets [R, C]) -> arrays [R, C, ...], over LOSS_CHUNK positions
+    of each row at a time (the last chunk padded), each chunk recomputed in a backward pass
+    rather than kept; the results joined to [R, T, ...]."""
+    R, T, D = hidden.shape
+    n = -(-T // LOSS_CHUNK)
+    if n == 1:
+        return fn(hidden, targets)
+    pad = n * LOSS_CHUNK - T
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hidden = hidden.reshape(R, n, LOSS_CHUNK, D).swapaxes(0, 1)  # [n, R, C, D]
+    targets = targets.reshape(R, n, LOSS_CHUNK).swapaxes(0, 1)  # [n, R, C]
+    one = jax.checkpoint(fn)
+    out = jax.lax.map(lambda chunk: one(*chunk), (hidden, targets))  # [n, R, C, ...]
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(R, n * LOSS_CHUNK, *x.shape[3:])
+                        [:, :T], out)
+
+
+def _logits(head, hidden: jnp.ndarray) -> jnp.ndarray:  # [R, C, D] -> float32 [R, C, V]
+    return constrain(head(hidden).astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def _cross_entropy(head, hidden: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    logits = _logits(head, hidden)  # [R, C, V]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [R, C]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def _cross_entropy_and_grad(head, hidden: jnp.ndarray, targets: jnp.ndarray):
+    """(losses [R, C], their gradients to hidden [R, C, D]), one vocab matmul each way."""
+    logits, head_vjp = jax.vjp(functools.partial(_logits, head), hidden)  # [R, C, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [R, C]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    dlogits = (jnp.exp(logits - lse[..., None])
+               - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32))  # [R, C, V]
+    (dhidden,) = head_vjp(dlogits)
+    return lse - picked, dhidden
 
 
 @dataclasses.dataclass(frozen=True)
