@@ -12,7 +12,12 @@ FLOPs behind the MFU figure used on accelerators:
 for the matmuls forward and backward, 12LTD for attention scores and values.) Prints one JSON
 line; pass --peak-tflops for the device's peak to get MFU.
 
-    .venv/bin/python bench/train.py [--batch 4 --length 256 --steps 5]
+Both models live side by side and are timed in turns, --rounds times (a median of --steps
+steps each), keeping each one's fastest round: a shared machine's speed drifts by tens of
+percent over minutes, and timing one contender after the other would put the drift into the
+ratio.
+
+    .venv/bin/python bench/train.py [--batch 4 --length 256 --steps 5 --rounds 3]
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: float32 on CPU, else bfloat16)")
@@ -84,14 +90,18 @@ def main() -> None:
                                                       state["opt"], batch, 0)
         m["loss"].block_until_ready()
 
-    ours = median_seconds(ours_step, args.steps, warmup=2)
-    state.clear()  # frees our params and optimizer state before torch builds its model
-
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(HFQwen2Config.from_dict(c.to_hf())).to(device).train()
     labels = torch.as_tensor(ids, device=device)
-    theirs = median_seconds(torch_step(model, lambda: model(labels, labels=labels).loss, device,
-                                       dtype == "bfloat16"), args.steps, warmup=2)
+    theirs_step = torch_step(model, lambda: model(labels, labels=labels).loss, device,
+                             dtype == "bfloat16")
+    rounds = {"qwen2_jax": [], "transformers": []}
+    for r in range(args.rounds):
+        rounds["qwen2_jax"].append(median_seconds(ours_step, args.steps, warmup=2 if r == 0
+                                                  else 0))
+        rounds["transformers"].append(median_seconds(theirs_step, args.steps,
+                                                     warmup=2 if r == 0 else 0))
+    ours, theirs = min(rounds["qwen2_jax"]), min(rounds["transformers"])
     flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * \
         args.length * c.hidden_size  # tied: the table counts once, as the lm_head matmul
     report = {"bench": "train", "params_m": round(n_params / 1e6, 1), "batch": args.batch,
@@ -100,6 +110,9 @@ def main() -> None:
               "qwen2_jax_tokens_per_s": round(tokens / ours, 1),
               "transformers_tokens_per_s": round(tokens / theirs, 1),
               "ratio": round(theirs / ours, 3),
+              "rounds": args.rounds,
+              "tokens_per_s_each_round": {k: [round(tokens / t, 1) for t in v]
+                                          for k, v in rounds.items()},
               "model_flops_per_token": flops_per_token,
               "qwen2_jax_model_tflops": round(tokens / ours * flops_per_token / 1e12, 3),
               "transformers_model_tflops": round(tokens / theirs * flops_per_token / 1e12, 3),

@@ -25,7 +25,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 # Qwen2-MoE's fields: written back to config.json only for model_type qwen2_moe.
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
               "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-              "mlp_only_layers", "router_aux_loss_coef")
+              "mlp_only_layers", "router_aux_loss_coef", "output_router_logits")
 
 # Keys whose spelling differs between dialects; `hf_keys` records which ones a file used.
 _DIALECT_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "torch_dtype", "dtype")
@@ -75,8 +75,8 @@ _FIELD_EXPECTED = {
     "initializer_range": "a non-negative number",
     "router_aux_loss_coef": "a non-negative number",
     "attention_dropout": "a number in [0, 1]",
-    **dict.fromkeys(("tie_word_embeddings", "use_sliding_window", "norm_topk_prob"),
-                    "true or false"),
+    **dict.fromkeys(("tie_word_embeddings", "use_sliding_window", "norm_topk_prob",
+                     "output_router_logits"), "true or false"),
 }
 # The YaRN keys rope.py reads; each may be absent or null.
 _YARN_EXPECTED = {"factor": "a number >= 1",
@@ -163,6 +163,9 @@ class Qwen2Config:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
+    # SFT adds router_aux_loss_coef * the load-balancing loss (train/step.py), as transformers'
+    # training loss does when this is set.
+    output_router_logits: bool = False
     hf_keys: tuple[str, ...] = ("rope_theta", "rope_scaling", "torch_dtype")
     extra: FrozenDict = dataclasses.field(default_factory=FrozenDict, compare=False)
 

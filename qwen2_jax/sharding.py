@@ -301,6 +301,11 @@ def sequence_axes(length: int) -> tuple[str, ...]:
     return () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
 
 
+def current_mesh_and_rules() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) `use_mesh` set, as given, or None."""
+    return _CONTEXT.get()
+
+
 def current_mesh() -> Mesh | None:
     """The mesh `use_mesh` set (made all-Auto), or None."""
     context = _CONTEXT.get()

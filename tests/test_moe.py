@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -99,17 +102,64 @@ def test_conversion_round_trip_is_bit_exact(tmp_path, capsys):
     assert params["layers_0"]["mlp"]["experts"]["gate_proj"].shape == (8, 40, 24)
 
 
-@pytest.mark.parametrize("spec", ["expert=8", "expert=4,tensor=2", "data=2,expert=4"])
+# mesh spec -> devices it takes (of the 8); data=2 and fsdp=2 also split the batch
+MESHES = {"expert=4": 4, "expert=8": 8, "expert=2,fsdp=2,tensor=2": 8, "data=2,expert=4": 8}
+
+
+def moe_all_to_alls(hlo: str) -> int:
+    """All-to-alls the sparse block's shard_map put in a compiled program."""
+    return len(re.findall(r"all-to-all\(.*mlp/shard_map", hlo))
+
+
+@pytest.mark.parametrize("spec", sorted(MESHES))
 def test_expert_parallel_equals_one_device(tmp_path, batch, spec):
-    from qwen2_jax.sharding import make_mesh
+    """Tokens go to their experts' devices by all-to-all (the sorted dispatch on a mesh with
+    an expert axis; E/ep experts per device, ep < k and ep > k, tensor parallelism inside
+    the experts, 33 tokens padded to the devices), and the logits are one device's."""
+    from qwen2_jax.model import Qwen2ForCausalLM
+    from qwen2_jax.sharding import DEFAULT_RULES, make_mesh, use_mesh
 
     make_hf_moe_model(tmp_path)
     config, params = qwen2_jax.load(tmp_path)
     ids, mask = batch
     expected = np.asarray(qwen2_jax.forward(config, params, ids, mask))
-    mesh = make_mesh(spec)
+    mesh = make_mesh(spec, jax.devices()[:MESHES[spec]])
     _, sharded = qwen2_jax.load(tmp_path, mesh=mesh)
     gate = sharded["layers"]["mlp"]["experts"]["gate_proj"]  # [L, E, D, F]
     assert gate.sharding.shard_shape(gate.shape)[1] == 8 // mesh.shape["expert"]
     got = np.asarray(qwen2_jax.forward(config, sharded, ids, mask))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+    def logits(params, ids):
+        with use_mesh(mesh, DEFAULT_RULES):
+            return Qwen2ForCausalLM(config).apply({"params": params}, ids, None, None, None)
+
+    hlo = jax.jit(logits).lower(sharded, ids.astype(np.int32)).compile().as_text()
+    assert moe_all_to_alls(hlo) >= 2  # there and back (the weights-moving path has none)
+
+
+def test_expert_parallel_training_equals_one_device(tmp_path, rng):
+    """The SFT loss with the aux term and its gradients (through the all-to-alls, with
+    remat) on expert=2 x fsdp=2 x tensor=2 equal one device's."""
+    from test_moe_train import AUX, examples, unpacked
+
+    from qwen2_jax.sharding import DEFAULT_RULES, make_mesh
+    from qwen2_jax.train.step import SFTObjective, batch_gradients
+
+    make_hf_moe_model(tmp_path, **AUX)
+    config, params = qwen2_jax.load(tmp_path)
+    batch = {k: jnp.asarray(v)[None] for k, v in unpacked(examples(rng), 12).items()}
+    gradients = jax.jit(batch_gradients, static_argnums=0)
+    m1, g1 = gradients(SFTObjective(config), params, batch)
+    mesh = make_mesh("expert=2,fsdp=2,tensor=2")
+    _, sharded = qwen2_jax.load(tmp_path, mesh=mesh)
+    objective = SFTObjective(config, remat="full", mesh=mesh, rules=DEFAULT_RULES)
+    compiled = gradients.lower(objective, sharded, batch).compile()
+    assert moe_all_to_alls(compiled.as_text()) >= 4  # and back again in the backward pass
+    m2, g2 = compiled(sharded, batch)
+    for name in ("loss", "aux_loss"):
+        np.testing.assert_allclose(float(m2[name]), float(m1[name]), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
+        want = np.asarray(want)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0,
+                                   atol=1e-5 * max(1e-4, np.abs(want).max()))

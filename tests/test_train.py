@@ -34,26 +34,33 @@ def examples(rng, lengths=(7, 12, 5, 9, 3)) -> list[Example]:
     return out
 
 
-def loss_and_grads(config, params, batch):
+def loss_and_grads(config, params, batch, summed=False):
+    """(mean loss, per-token losses, gradients), the gradients from the per-token losses or,
+    summed, from the fused loss-and-gradient pass of a trained head (SFT's)."""
     def mean_loss(p):
         losses = token_losses(config, p, batch)
-        return losses.sum() / batch["weights"].sum(), losses
+        total = token_losses(config, p, batch, summed=True) if summed else losses.sum()
+        return total / batch["weights"].sum(), losses
 
     (loss, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
     return loss, losses, grads
 
 
-@pytest.mark.parametrize("loss_chunk", [None, 5], ids=["one_chunk", "tied_chunks_of_5"])
-def test_loss_and_grads_equal_pytorch_autograd(tmp_path, rng, monkeypatch, loss_chunk):
+@pytest.mark.parametrize("loss_chunk, tied, summed", [
+    (None, False, False), (5, True, False), (5, False, True), (5, True, True)],
+    ids=["one_chunk", "tied_chunks_of_5", "fused_chunks_of_5", "fused_tied_chunks_of_5"])
+def test_loss_and_grads_equal_pytorch_autograd(tmp_path, rng, monkeypatch, loss_chunk, tied,
+                                               summed):
     """Also with the vocab projection and loss in chunks of 5 positions (16-token rows: three
     chunks and a padded one), as long rows run them, with the lm_head tied to the
-    embeddings (the table's gradient then sums both uses)."""
+    embeddings (the table's gradient then sums both uses), and with the fused pass that makes
+    the head's and the hidden states' gradients with the loss (SFT's)."""
     if loss_chunk:
         monkeypatch.setattr(step, "LOSS_CHUNK", loss_chunk)
-    model = make_hf_model(tmp_path, tie_word_embeddings=loss_chunk is not None)
+    model = make_hf_model(tmp_path, tie_word_embeddings=tied)
     config, params = qwen2_jax.load(tmp_path)
     batch = {k: jnp.asarray(v) for k, v in pack(examples(rng), 16, seed=0).items()}
-    loss, losses, grads = loss_and_grads(config, params, batch)
+    loss, losses, grads = loss_and_grads(config, params, batch, summed)
 
     # transformers on each example alone (no packing on its side), summed like ours
     total, count = 0.0, 0.0

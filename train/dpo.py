@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -30,7 +32,10 @@ from tqdm import tqdm
 
 import qwen2_jax
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.sharding import to_host
 from qwen2_jax.tokenizer import Tokenizer
+from qwen2_jax.train import token_store
+from qwen2_jax.train.feed import Feeder
 from qwen2_jax.train.preference import Pair, load_pairs, pair_batch
 from qwen2_jax.train.step import token_losses
 from qwen2_jax.train.trainer import Task, TrainArgs, fit, load_trainable, prepare, read_data
@@ -158,31 +163,40 @@ def _chunks(order: np.ndarray, size: int) -> np.ndarray:
     return padded.reshape(-1, size)
 
 
-def precompute_reference(config, params, pairs: list[Pair], args: DPOArgs, mesh, rules,
+def precompute_reference(config, params, pairs: Sequence[Pair], args: DPOArgs, feeder: Feeder,
                          desc: str) -> np.ndarray:
     """The reference's summed completion log-probs [len(pairs), 2], in pair order."""
     dtype = jnp.dtype(args.compute_dtype)
     table = np.zeros((len(pairs), 2), np.float32)
+    progress = args.progress and pairs and jax.process_index() == 0
     for chunk in tqdm(_chunks(np.arange(len(pairs)), args.batch_size * args.grad_accum), desc=desc,
-                      disable=not (args.progress and pairs), dynamic_ncols=True):
-        batch = {k: jnp.asarray(v) for k, v in pair_batch(pairs, chunk, 1, args.max_len).items()}
-        logps = np.asarray(sequence_logps(config, dtype, mesh, rules, params, batch))[0]
+                      disable=not progress, dynamic_ncols=True):
+        batch = feeder.place_whole(pair_batch(pairs, chunk, 1, args.max_len))
+        logps = to_host(sequence_logps(config, dtype, feeder.mesh, feeder.rules, params,
+                                       batch))[0]
         table[chunk[chunk >= 0]] = logps[chunk >= 0]
     return table
 
 
 def run(args: DPOArgs, mesh=None, rules=None) -> dict:
-    """DPO-trains args.model on args.data; returns the summary of `trainer.fit`."""
+    """DPO-trains args.model on args.data (a JSONL file, or a `qwen2-jax tokenize` folder);
+    returns the summary of `trainer.fit`."""
     config = prepare(args, "dpo")
     check_args(args)
     tokenizer = Tokenizer(args.model)
 
     def read(path):
+        if os.path.isdir(path):  # a `qwen2-jax tokenize` folder
+            settings = {k: getattr(args, k) for k in token_store.SETTINGS["dpo"]}
+            return token_store.open_pairs(path, settings, config.vocab_size, args.model)
         return load_pairs(path, tokenizer, args.max_len, args.max_prompt_len, args.overflow,
                           args.skip_bad_lines, config.vocab_size)
 
     pairs, stats, eval_pairs = read_data(args, read)
     rules = qwen2_jax.sharding.resolve_rules(rules, mesh)
+    # chosen and rejected rows lie apart, so every process builds the whole (small) batch
+    # and places its own slices of it
+    feeder = Feeder(2 * args.batch_size, mesh, rules)
     dtype = jnp.dtype(args.compute_dtype)
     ref_path = args.ref_model or args.model
     reference, tables, ref_params = "none (reference-free)", None, None
@@ -193,7 +207,7 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
                                                 rules=rules)
         reference = f"frozen copy of {ref_path}"
         if args.precompute_ref:  # the reference leaves memory before the policy is loaded
-            tables = [precompute_reference(ref_config, ref_params, p, args, mesh, rules, name)
+            tables = [precompute_reference(ref_config, ref_params, p, args, feeder, name)
                       for p, name in ((pairs, "reference log-probs"),
                                       (eval_pairs, "reference log-probs (eval)"))]
             ref_params, reference = None, f"precomputed from {ref_path}"
@@ -201,7 +215,7 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
     if base_reference and not args.reference_free:
         ref_params, reference = frozen, "the base model without adapters"
         if args.precompute_ref:
-            tables = [precompute_reference(config, frozen, p, args, mesh, rules, name)
+            tables = [precompute_reference(config, frozen, p, args, feeder, name)
                       for p, name in ((pairs, "reference log-probs"),
                                       (eval_pairs, "reference log-probs (eval)"))]
             ref_params, reference = None, "precomputed from the base model without adapters"
@@ -210,15 +224,15 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
                          f"from the model's {config.vocab_size}")
 
     def batch_of(indices, pairs, table, grad_accum) -> dict:
-        batch = {k: jnp.asarray(v)
-                 for k, v in pair_batch(pairs, indices, grad_accum, args.max_len).items()}
-        if table is not None:
-            batch["ref_logps"] = jnp.asarray(np.where(indices[:, None] >= 0, table[indices], 0.0)
-                                             .reshape(grad_accum, -1, 2))
-        elif ref_params is not None:
+        batch = pair_batch(pairs, indices, grad_accum, args.max_len)
+        if table is not None:  # precomputed; zeros when reference-free
+            batch["ref_logps"] = np.where(indices[:, None] >= 0, table[indices], 0.0).reshape(
+                grad_accum, -1, 2).astype(np.float32)
+        elif ref_params is None:
+            batch["ref_logps"] = np.zeros((*batch["pair_weights"].shape, 2), np.float32)
+        batch = feeder.place_whole(batch)
+        if "ref_logps" not in batch:
             batch["ref_logps"] = sequence_logps(config, dtype, mesh, rules, ref_params, batch)
-        else:
-            batch["ref_logps"] = jnp.zeros((*batch["pair_weights"].shape, 2), jnp.float32)
         return batch
 
     per_step = args.batch_size * args.grad_accum
@@ -240,5 +254,6 @@ def run(args: DPOArgs, mesh=None, rules=None) -> dict:
     objective = DPOObjective(config, dtype, args.remat, mesh, rules, args.loss, args.beta,
                              args.label_smoothing, args.rpo_alpha, args.lora_config())
     task = Task("dpo", objective, steps_per_epoch, batch, eval_batches if eval_pairs else None,
-                bar=METRICS, summary={"data": dataclasses.asdict(stats), "reference": reference})
+                bar=METRICS, summary={"data": dataclasses.asdict(stats), "reference": reference},
+                feeder=feeder)
     return fit(args, task, config, params, frozen)

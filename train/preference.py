@@ -19,11 +19,18 @@ alone fills max_len is dropped (as TRL does: nothing of it would be scored).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from qwen2_jax.tokenizer import Tokenizer
-from qwen2_jax.train.data import DataError, check_messages, check_vocabulary, read_jsonl
+from qwen2_jax.train.data import (
+    DataError,
+    check_messages,
+    check_overflow,
+    check_vocabulary,
+    read_jsonl,
+)
 
 
 @dataclasses.dataclass
@@ -100,36 +107,56 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer: Tokenizer, eos: str | Non
     return Pair(prompt_ids[:start], with_chosen[start:], with_rejected[start:])
 
 
-def load_pairs(path: str, tokenizer: Tokenizer, max_len: int, max_prompt_len: int | None = None,
-               overflow: str = "truncate", skip_bad_lines: bool = False,
-               vocab_size: int | None = None) -> tuple[list[Pair], PreferenceStats]:
-    """Reads and tokenizes a preference JSONL file (see the module docstring). vocab_size:
-    the model's; a line with a token id past it is a bad line."""
-    if overflow not in ("truncate", "drop"):
-        raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+def pair_converter(tokenizer: Tokenizer, vocab_size: int | None):
+    """convert(record, where) -> the line's Pair as tokenized, before any length limit."""
     eos = tokenizer.special_token("eos_token")
-    stats, pairs = PreferenceStats(), []
 
     def convert(record, where):
         pair = tokenize_pair(*split_record(record, where), tokenizer, eos)
         check_vocabulary(tokenizer, pair.prompt + pair.chosen + pair.rejected, vocab_size, where)
         return pair
 
-    for pair in read_jsonl(path, convert, skip_bad_lines, stats):
-        if max_prompt_len is not None and len(pair.prompt) > max_prompt_len:
-            stats.prompt_truncated += 1
-            pair.prompt = pair.prompt[len(pair.prompt) - max_prompt_len:]
-        room = max_len - len(pair.prompt)
-        if room <= 0:
-            stats.dropped_prompt_too_long += 1
-            continue
-        if max(len(pair.chosen), len(pair.rejected)) > room:
-            if overflow == "drop":
-                stats.dropped_too_long += 1
-                continue
-            stats.truncated += 1
-            pair.chosen, pair.rejected = pair.chosen[:room], pair.rejected[:room]
-        pairs.append(pair)
+    return convert
+
+
+def tokenized_pairs(path: str, tokenizer: Tokenizer, skip_bad_lines: bool,
+                    vocab_size: int | None, stats: PreferenceStats, progress=None
+                    ) -> Iterator[Pair]:
+    """Each line's Pair as tokenized, before any length limit (see read_jsonl)."""
+    return read_jsonl(path, pair_converter(tokenizer, vocab_size), skip_bad_lines, stats,
+                      progress)
+
+
+def fit_pair(pair: Pair, max_len: int, max_prompt_len: int | None, overflow: str,
+             stats: PreferenceStats) -> Pair | None:
+    """The pair within the limits (cut in place, or None if dropped), counted in stats."""
+    if max_prompt_len is not None and len(pair.prompt) > max_prompt_len:
+        stats.prompt_truncated += 1
+        pair.prompt = pair.prompt[len(pair.prompt) - max_prompt_len:]
+    room = max_len - len(pair.prompt)
+    if room <= 0:
+        stats.dropped_prompt_too_long += 1
+        return None
+    if max(len(pair.chosen), len(pair.rejected)) > room:
+        if overflow == "drop":
+            stats.dropped_too_long += 1
+            return None
+        stats.truncated += 1
+        pair.chosen, pair.rejected = pair.chosen[:room], pair.rejected[:room]
+    return pair
+
+
+def load_pairs(path: str, tokenizer: Tokenizer, max_len: int, max_prompt_len: int | None = None,
+               overflow: str = "truncate", skip_bad_lines: bool = False,
+               vocab_size: int | None = None) -> tuple[list[Pair], PreferenceStats]:
+    """Reads and tokenizes a preference JSONL file (see the module docstring). vocab_size:
+    the model's; a line with a token id past it is a bad line."""
+    check_overflow(overflow)
+    stats, pairs = PreferenceStats(), []
+    for raw in tokenized_pairs(path, tokenizer, skip_bad_lines, vocab_size, stats):
+        pair = fit_pair(raw, max_len, max_prompt_len, overflow, stats)
+        if pair is not None:
+            pairs.append(pair)
     stats.pairs = len(pairs)
     return pairs, stats
 
@@ -140,8 +167,10 @@ def row_length(longest: int, max_len: int) -> int:
     return min(max_len, max(16, 1 << (longest - 1).bit_length()))
 
 
-def pair_batch(pairs: list[Pair], indices, grad_accum: int, max_len: int) -> dict[str, np.ndarray]:
-    """The pairs at `indices` (-1: an empty padding pair) as a global batch [k, 2B, T].
+def pair_batch(pairs: Sequence[Pair], indices, grad_accum: int, max_len: int
+               ) -> dict[str, np.ndarray]:
+    """The pairs at `indices` (-1: an empty padding pair) as a global batch [k, 2B, T];
+    pairs: a list, or a tokenize folder's pairs (train/token_store.py), each read once.
 
     Rows 0..B-1 of each micro-batch are prompt + chosen, rows B..2B-1 prompt + rejected (one
     forward for both, as TRL concatenates them). tokens, segment_ids (1 on tokens, 0 padding),
@@ -151,9 +180,10 @@ def pair_batch(pairs: list[Pair], indices, grad_accum: int, max_len: int) -> dic
     """
     indices = np.asarray(indices).reshape(grad_accum, -1)  # [k, B]
     k, b = indices.shape
-    chosen = [[pairs[i].prompt + pairs[i].chosen if i >= 0 else [] for i in row]
+    got = {i: pairs[i] for i in set(indices.ravel().tolist()) if i >= 0}
+    chosen = [[got[i].prompt + got[i].chosen if i >= 0 else [] for i in row]
               for row in indices]
-    rejected = [[pairs[i].prompt + pairs[i].rejected if i >= 0 else [] for i in row]
+    rejected = [[got[i].prompt + got[i].rejected if i >= 0 else [] for i in row]
                 for row in indices]
     longest = max(len(s) for rows in chosen + rejected for s in rows)
     shape = (k, 2 * b, row_length(longest, max_len))
@@ -166,7 +196,7 @@ def pair_batch(pairs: list[Pair], indices, grad_accum: int, max_len: int) -> dic
             if i < 0:
                 continue
             for row, sequence in ((r, chosen[m][r]), (b + r, rejected[m][r])):
-                n, start = len(sequence), len(pairs[i].prompt)
+                n, start = len(sequence), len(got[i].prompt)
                 out["tokens"][m, row, :n] = sequence
                 out["segment_ids"][m, row, :n] = 1
                 out["positions"][m, row, :n] = np.arange(n)

@@ -4,6 +4,12 @@ One step serves every training objective (SFT here, DPO in train/dpo.py). The SF
 sum of next-token cross-entropies over the target tokens of the whole global batch, divided
 once by their number: k accumulated micro-batches give the same value and gradient as one
 batch k times larger, and packed rows the same as unpacked ones.
+
+A Qwen2-MoE config with `output_router_logits` adds `router_aux_loss_coef` times the
+load-balancing loss, as transformers' training loss does. That loss is a product of two sums
+over tokens, so it does not split into per-micro-batch parts: each micro-batch adds its own
+(over its real tokens) divided by k, making the global value the mean over the k
+micro-batches (exactly transformers' for k = 1).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import jax.numpy as jnp
 import optax
 
 from qwen2_jax import lora
+from qwen2_jax.api import sparse_router_logits
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.layers import precision
 from qwen2_jax.model import Qwen2ForCausalLM, lm_head
+from qwen2_jax.moe import load_balancing_loss
 from qwen2_jax.sharding import constrain, use_mesh
 
 LOSS_CHUNK = 128  # tokens of each row whose logits [R, LOSS_CHUNK, V] exist at once
@@ -26,26 +35,45 @@ LOSS_CHUNK = 128  # tokens of each row whose logits [R, LOSS_CHUNK, V] exist at 
 
 def token_losses(config: Qwen2Config, params: dict, batch: dict, dtype=jnp.float32,
                  remat: str = "none", mesh=None, rules=(),
-                 adapters: lora.LoRAConfig | None = None) -> jnp.ndarray:
+                 adapters: lora.LoRAConfig | None = None, router_aux: bool = False,
+                 summed: bool = False):
     """Per-token next-token cross-entropy [R, T] in float32 (0 where weights are 0).
 
     batch: tokens, segment_ids, positions [R, T] int32; weights [R, T] float32. Segment 0 is
     padding. adapters: the settings of the LoRA leaves in params (unfolded B), whose dropout
     draws from batch["dropout_key"] when present (none: no dropout, as in evaluation).
+    router_aux (MoE): returns (those losses, the load-balancing loss of the batch's real
+    tokens, float32 scalar), from router logits the same forward pass sows. summed: their
+    sum, a scalar, instead of the losses (`fused_cross_entropy_sum` for a trained head).
     """
     model = Qwen2ForCausalLM(config, dtype=dtype, remat=remat)
     scale, dropout = (1.0, 0.0) if adapters is None else (adapters.scale, adapters.dropout)
     dropout = dropout if "dropout_key" in batch else 0.0
     rngs = {"dropout": batch["dropout_key"]} if dropout else None
+    token_mask = (batch["segment_ids"] > 0).astype(jnp.int32)  # [R, T]
     with use_mesh(mesh, rules), lora.settings(scale, dropout):
+        # Without router_aux the sown router logits are not collected at all.
         hidden = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                             (batch["segment_ids"] > 0).astype(jnp.int32), batch["segment_ids"],
-                             rngs=rngs, hidden_only=True)  # [R, T, D]
+                             token_mask, batch["segment_ids"], rngs=rngs, hidden_only=True,
+                             mutable=["intermediates"] if router_aux else False)  # [R, T, D]
+        if router_aux:
+            hidden, state = hidden
         targets = jnp.roll(batch["tokens"], -1, axis=1)  # token t + 1 (weights 0 at row ends)
-        head = lm_head(config, params, dtype)
-        nll = (frozen_head_cross_entropy(head, hidden, targets) if adapters
-               else chunked_cross_entropy(head, hidden, targets))
-    return nll * batch["weights"]
+        if summed and not adapters:
+            table = params["embed_tokens" if config.tie_word_embeddings else "lm_head"]
+            losses = fused_cross_entropy_sum(table["embedding"], hidden, targets,
+                                             batch["weights"], dtype)
+        else:
+            head = lm_head(config, params, dtype)
+            nll = (frozen_head_cross_entropy(head, hidden, targets) if adapters
+                   else chunked_cross_entropy(head, hidden, targets))
+            losses = nll * batch["weights"]  # [R, T]
+            losses = losses.sum() if summed else losses
+    if not router_aux:
+        return losses
+    router = sparse_router_logits(config, state["intermediates"])  # [layers, R*T, E]
+    return losses, load_balancing_loss(router, config.num_experts, config.num_experts_per_tok,
+                                       token_mask)
 
 
 def chunked_cross_entropy(head, hidden: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
@@ -82,6 +110,63 @@ def frozen_head_cross_entropy(head, hidden: jnp.ndarray, targets: jnp.ndarray) -
 
     loss.defvjp(loss_and_grad, backward)
     return loss(hidden)
+
+
+def fused_cross_entropy_sum(table: jnp.ndarray, hidden: jnp.ndarray, targets: jnp.ndarray,
+                            weights: jnp.ndarray, dtype) -> jnp.ndarray:
+    """sum(weights * -log softmax(hidden @ table.T)[targets]): float32 scalar, with its
+    gradients to the table [V, D] and to hidden [R, T, D] made in the same chunked pass (the
+    fused linear cross-entropy of Liger-Kernel).
+
+    A trained head's gradient needs each token's cotangent, which per-token losses leave
+    unknown until the backward pass; so `chunked_cross_entropy` must make every chunk's
+    logits again there. A weighted sum has one scalar cotangent, so the gradients can be made
+    with the loss and only scaled afterwards: three vocab matmuls instead of four, and the
+    logits still exist one chunk at a time. Outside differentiation only the loss is made.
+    """
+    head = functools.partial(_table_logits, dtype)
+
+    @jax.custom_vjp
+    def loss(table, hidden):
+        per_token = _over_chunks(lambda h, t: _cross_entropy(functools.partial(head, table),
+                                                             h, t), hidden, targets)
+        return (per_token * weights).sum()
+
+    def loss_and_grads(table, hidden):
+        R, T, D = hidden.shape
+        n = -(-T // LOSS_CHUNK)
+        pad = n * LOSS_CHUNK - T
+        chunks = [jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(
+            R, n, LOSS_CHUNK, *x.shape[2:]).swapaxes(0, 1) for x in (hidden, targets, weights)]
+
+        def chunk(dtable, inputs):  # [n, R, C, D], [n, R, C] x2 -> one chunk's share
+            h, t, w = inputs
+            logits, vjp = jax.vjp(head, table, h)  # [R, C, V] float32
+            lse = jax.nn.logsumexp(logits, axis=-1)  # [R, C]
+            picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+            dlogits = w[..., None] * (jnp.exp(logits - lse[..., None])
+                                      - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32))
+            dtable_c, dh = vjp(dlogits)
+            return dtable + dtable_c.astype(jnp.float32), (((lse - picked) * w).sum(), dh)
+
+        dtable = constrain(jnp.zeros(table.shape, jnp.float32), ("vocab", "embed"))
+        dtable, (sums, dhidden) = jax.lax.scan(chunk, dtable, chunks)
+        dhidden = dhidden.swapaxes(0, 1).reshape(R, n * LOSS_CHUNK, D)[:, :T]  # [R, T, D]
+        return sums.sum(), (dtable, dhidden)
+
+    def backward(grads, g):
+        dtable, dhidden = grads
+        return (g * dtable).astype(table.dtype), (g * dhidden).astype(hidden.dtype)
+
+    loss.defvjp(loss_and_grads, backward)
+    return loss(table, hidden)
+
+
+def _table_logits(dtype, table: jnp.ndarray, hidden: jnp.ndarray) -> jnp.ndarray:
+    """hidden [R, C, D] @ table [V, D].T -> float32 [R, C, V], as `Embedding.attend`."""
+    logits = jnp.einsum("BTD,VD->BTV", hidden, table.astype(dtype),
+                        preferred_element_type=jnp.float32, precision=precision(dtype))
+    return constrain(logits, ("batch", "length", "vocab"))
 
 
 def _over_chunks(fn, hidden: jnp.ndarray, targets: jnp.ndarray):
@@ -160,7 +245,9 @@ class SFTObjective:
     `totals(batch)` gives the denominators of the whole global batch [k, ...] (its "weight"
     weights the batch when eval batches are averaged), and `__call__(params, micro, totals)`
     returns (loss, metrics) of one micro-batch already divided by them, so that the sums over
-    the k micro-batches are the global batch's values.
+    the k micro-batches are the global batch's values. With the MoE aux loss (see the module
+    docstring) "loss" includes router_aux_loss_coef times "aux_loss", the mean of the
+    micro-batches' load-balancing losses.
     """
 
     config: Qwen2Config
@@ -171,12 +258,21 @@ class SFTObjective:
     adapters: lora.LoRAConfig | None = None  # LoRA: params hold unfolded adapter leaves
 
     def totals(self, batch: dict) -> dict:
-        return {"weight": jnp.maximum(batch["weights"].sum(), 1.0)}
+        return {"weight": jnp.maximum(batch["weights"].sum(), 1.0),
+                "micro_batches": batch["weights"].shape[0]}
 
     def __call__(self, params, micro: dict, totals: dict):
-        loss = token_losses(self.config, params, micro, self.dtype, self.remat, self.mesh,
-                            self.rules, self.adapters).sum() / totals["weight"]
-        return loss, {"loss": loss}
+        c = self.config
+        router_aux = c.output_router_logits and any(c.sparse_layers)
+        out = token_losses(c, params, micro, self.dtype, self.remat, self.mesh, self.rules,
+                           self.adapters, router_aux, summed=True)
+        total, aux = out if router_aux else (out, None)
+        loss = total / totals["weight"]
+        if aux is None:
+            return loss, {"loss": loss}
+        aux = aux / totals["micro_batches"]
+        loss = loss + c.router_aux_loss_coef * aux
+        return loss, {"loss": loss, "aux_loss": aux}
 
 
 def with_frozen(objective, frozen):
@@ -199,6 +295,9 @@ def batch_gradients(objective, params, batch, frozen=None) -> tuple[dict, dict]:
         return jax.tree.map(jnp.add, carry, (metrics, grads)), None
 
     first = jax.tree.map(lambda x: x[0], batch)
+    if jax.tree.leaves(batch)[0].shape[0] == 1:  # one micro-batch: nothing to accumulate
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, first, totals)
+        return metrics, grads
     shapes = jax.eval_shape(lambda: loss(params, first, totals)[1])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes, params))
     (metrics, grads), _ = jax.lax.scan(accumulate, zeros, batch)

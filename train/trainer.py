@@ -5,6 +5,11 @@ Everything a step depends on is a function of the step number (the data order is
 seed + epoch), so a checkpoint needs params, optimizer state and the step, and a resumed run
 logs the same metrics as one that never stopped. The final model is written as an Orbax
 checkpoint folder (orbax_io) that load, generate and export accept.
+
+In a multi-process job every process runs this same loop on its share of each batch (see
+train/feed.py). Checkpoints and the final weights are Orbax's collective saves, to which each
+process writes the shards it holds; process 0 alone writes the files of OUT that are not
+sharded (metrics.jsonl, run.json, the final folder's config), between barriers.
 """
 
 from __future__ import annotations
@@ -23,16 +28,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import qwen2_jax
 from qwen2_jax import lora
 from qwen2_jax.api import place_adapters
 from qwen2_jax.checkpoint.orbax_io import PARAMS_DIR, write_metadata
-from qwen2_jax.checkpoint.output import atomic_folder, copy_model_files, is_model_folder
+from qwen2_jax.checkpoint.output import (
+    atomic_folder,
+    check_replaceable,
+    copy_model_files,
+    is_model_folder,
+)
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.decoding import position_limit
 from qwen2_jax.model import REMAT_POLICIES
+from qwen2_jax.sharding import mesh_of, to_host
+from qwen2_jax.train.feed import Feeder
 from qwen2_jax.train.step import TrainConfig, evaluate_step, optimizer, train_step
 
 logger = logging.getLogger("qwen2_jax")
@@ -120,6 +133,7 @@ class Task:
     eval_batches: Callable[[], list[dict]] | None = None
     bar: dict[str, str] = dataclasses.field(default_factory=dict)
     summary: dict = dataclasses.field(default_factory=dict)
+    feeder: Feeder = dataclasses.field(default_factory=lambda: Feeder(1))
 
 
 def read_data(args: TrainArgs, read: Callable[[str], tuple[list, Any]]) -> tuple[list, Any, list]:
@@ -259,7 +273,8 @@ def _remove_run(out: str) -> None:
 
 
 def fit(args: TrainArgs, task: Task, config, params, frozen=None) -> dict:
-    """Trains params (float32 masters, placed as loaded); returns a summary. Writes
+    """Trains params (float32 masters, placed as loaded); returns a summary. Every process of
+    a job calls it alike. Writes
     OUT/metrics.jsonl, OUT/checkpoints/<step>/, OUT/run.json and the final model as OUT/final.
     With LoRA (args.lora_rank), params are the adapters and frozen the base: checkpoints hold
     the adapters and their optimizer state only, and OUT/final is a PEFT adapter folder.
@@ -273,9 +288,11 @@ def fit(args: TrainArgs, task: Task, config, params, frozen=None) -> dict:
                         args.clip_norm, args.grad_accum, args.remat)
     opt_state = optimizer(train).init(params)
     made_out = not os.path.exists(args.out)
-    if args.overwrite:
+    _barrier("checked OUT")  # every process has looked at OUT before any changes it
+    if args.overwrite and _first():
         _remove_run(args.out)
     os.makedirs(args.out, exist_ok=True)
+    _barrier("prepared OUT")
     checkpoints = ocp.CheckpointManager(
         os.path.abspath(os.path.join(args.out, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=args.keep, create=True,
@@ -285,15 +302,17 @@ def fit(args: TrainArgs, task: Task, config, params, frozen=None) -> dict:
     try:
         if args.resume:
             step = checkpoints.latest_step()
-            abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params),
-                        "opt_state": jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state)}
+            mesh = mesh_of(params)
+            abstract = {"params": _restore_target(params, mesh),
+                        "opt_state": _restore_target(opt_state, mesh)}
             restored = checkpoints.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract["params"]),
                 opt_state=ocp.args.StandardRestore(abstract["opt_state"])))
             params, opt_state = restored["params"], restored["opt_state"]
-            _truncate_metrics(metrics_path, step)
+            if _first():
+                _truncate_metrics(metrics_path, step)
             logger.info("resumed from step %d", step)
-        else:
+        elif _first():
             with open(os.path.join(args.out, RUN_FILE), "w", encoding="utf-8") as f:
                 json.dump(_run_record(args, task.name), f)
         params = _loop(args, task, train, params, opt_state, step, total, checkpoints,
@@ -301,7 +320,7 @@ def fit(args: TrainArgs, task: Task, config, params, frozen=None) -> dict:
         checkpoints.wait_until_finished()
     except BaseException:
         checkpoints.wait_until_finished()  # the last good checkpoint stays whole
-        if checkpoints.latest_step() is None:
+        if checkpoints.latest_step() is None and _first():
             _remove_run(args.out)
             if made_out and not os.listdir(args.out):
                 os.rmdir(args.out)
@@ -310,8 +329,11 @@ def fit(args: TrainArgs, task: Task, config, params, frozen=None) -> dict:
         checkpoints.close()
     final = os.path.join(args.out, "final")
     if args.lora_config() is not None:
-        lora.save_adapter(final, config, args.lora_config(), params,
-                          os.path.abspath(args.model), force=True)
+        adapters = jax.tree.map(to_host, params)  # an all-gather: every process takes part
+        if _first():
+            lora.save_adapter(final, config, args.lora_config(), adapters,
+                              os.path.abspath(args.model), force=True)
+        _barrier("wrote the final adapter")
     else:
         write_params(final, params, args.model, force=True, trained_by=f"qwen2-jax {task.name}")
     return {"steps": total, "final": final, **task.summary, "metrics": metrics_path}
@@ -320,21 +342,22 @@ def fit(args: TrainArgs, task: Task, config, params, frozen=None) -> dict:
 def _loop(args: TrainArgs, task: Task, train: TrainConfig, params, opt_state, step: int,
           total: int, checkpoints, metrics_path: str, frozen=None):
     """Steps from `step` to `total`, logging each and checkpointing; returns the params."""
-    bar = tqdm(total=total, initial=step, desc=task.name, disable=not args.progress,
+    bar = tqdm(total=total, initial=step, desc=task.name, disable=not (args.progress and _first()),
                dynamic_ncols=True)
-    with open(metrics_path, "a", encoding="utf-8") as log:
+    # process 0 logs; the others write to nowhere
+    with open(metrics_path if _first() else os.devnull, "a", encoding="utf-8") as log:
         try:
             while step < total:
                 batch = task.batch(step)
                 adapters = args.lora_config()
                 if adapters is not None and adapters.dropout:  # a function of the step alone
-                    batch["dropout_key"] = jax.random.split(
-                        jax.random.fold_in(jax.random.key(args.seed), step), args.grad_accum)
+                    batch["dropout_key"] = task.feeder.step_keys(args.seed, step,
+                                                                 args.grad_accum)
                 start = time.perf_counter()
                 params, opt_state, m = train_step(task.objective, train, params, opt_state,
                                                   batch, jnp.int32(step), frozen)
                 record = {"step": step + 1, **{k: float(v) for k, v in m.items()}}  # waits
-                record["tokens_per_s"] = float((batch["segment_ids"] > 0).sum()) / (
+                record["tokens_per_s"] = float(_token_count(batch["segment_ids"])) / (
                     time.perf_counter() - start)
                 if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
                     log.write(json.dumps(record) + "\n")
@@ -366,6 +389,39 @@ def _loop(args: TrainArgs, task: Task, train: TrainConfig, params, opt_state, st
                                       f"the checkpoint of step {latest})") from None
     bar.close()
     return params
+
+
+def _restore_target(tree, mesh) -> Any:
+    """What Orbax restores tree as: each array's shape, dtype and sharding, except that an
+    array on one device (the optimizer's step counts, which a fresh jit may move) comes back
+    replicated over `mesh` (the params'), as a step of a multi-process job needs."""
+
+    def one(x):
+        struct = ocp.utils.to_shape_dtype_struct(x)
+        if mesh is None or isinstance(struct.sharding, jax.sharding.NamedSharding):
+            return struct
+        return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                    sharding=jax.sharding.NamedSharding(mesh, P()))
+
+    return jax.tree.map(one, tree)
+
+
+@jax.jit
+def _token_count(segment_ids: jax.Array) -> jax.Array:
+    return (segment_ids > 0).sum()  # a replicated scalar, which every process can read
+
+
+def _first() -> bool:
+    """Whether this is the process that writes OUT's unsharded files (process 0)."""
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """Waits until every process of a multi-process job gets here (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _non_finite(args: TrainArgs, record: dict, checkpoints) -> str:
@@ -404,11 +460,34 @@ def write_params(out: str, params: dict, source: str, force: bool = False,
                  guard_source: bool = False, **metadata) -> None:
     """Params in memory as an Orbax checkpoint folder (qwen2_jax.load reads it), with the
     config and model files of `source` (a model folder); atomic. guard_source: refuse an
-    `out` that is, holds or lies inside source."""
-    with atomic_folder(out, force=force, sources=(source,) if guard_source else ()) as temp:
+    `out` that is, holds or lies inside source.
+
+    Every process of a job calls it: the weights are saved by all (each its shards) into a
+    staging folder beside `out`, which process 0 then moves into the new folder with the
+    rest, so `out` appears once, whole.
+    """
+    sources = (source,) if guard_source else ()
+    check_replaceable(out, force, sources)  # before anything is written
+    parent, name = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staged = os.path.join(parent, f".{name}.params-staged")
+    if _first() and os.path.lexists(staged):  # left by an interrupted run
+        shutil.rmtree(staged)
+    _barrier("cleared the staging folder")
+    try:
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.abspath(os.path.join(temp, PARAMS_DIR)), params)
-        shutil.copyfile(os.path.join(source, "config.json"), os.path.join(temp, "config.json"))
-        copy_model_files(source, temp)
-        write_metadata(temp, dtype=str(jax.tree.leaves(params)[0].dtype),
-                       source=os.path.abspath(source), **metadata)
+            checkpointer.save(staged, params)
+        _barrier("staged the weights")
+        if _first():
+            with atomic_folder(out, force=force, sources=sources) as temp:
+                os.rename(staged, os.path.join(temp, PARAMS_DIR))
+                shutil.copyfile(os.path.join(source, "config.json"),
+                                os.path.join(temp, "config.json"))
+                copy_model_files(source, temp)
+                write_metadata(temp, dtype=str(jax.tree.leaves(params)[0].dtype),
+                               source=os.path.abspath(source), **metadata)
+    finally:
+        if _first() and os.path.lexists(staged):
+            shutil.rmtree(staged)
+    _barrier("wrote the final folder")
+

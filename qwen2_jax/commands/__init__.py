@@ -12,6 +12,8 @@ from qwen2_jax.commands import (
     merge,
     serve,
     sft,
+    tokenize,
 )
 
-COMMANDS = (demo, convert, export, merge, generate, chat, serve, evaluate, sft, dpo)
+COMMANDS = (demo, convert, export, merge, generate, chat, serve, evaluate, tokenize, sft,
+            dpo)

@@ -36,19 +36,20 @@ TRAIN_FIELDS = ("model", "data", "out", "eval_data", "max_len", "skip_bad_lines"
 def add_train_args(parser: argparse.ArgumentParser, unit: str, max_len: int, lr: float) -> None:
     """The flags sft and dpo share (TrainArgs)."""
     parser.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
-    parser.add_argument("--data", required=True, metavar="FILE", help="training JSONL (UTF-8)")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="training JSONL (UTF-8), or a folder written by `qwen2-jax "
+                        "tokenize` from it (memory-mapped, for data too large to tokenize at "
+                        "each start; the same losses; its length flags must be this run's)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--eval-data", metavar="FILE", help="JSONL evaluated at every save")
+    parser.add_argument("--eval-data", metavar="PATH",
+                        help="JSONL or tokenize folder evaluated at every save")
     parser.add_argument("--max-len", type=int, default=None,
                         help=f"tokens per sequence (default {max_len}, or the model's "
                         "max_position_embeddings if smaller; past it is refused unless "
                         "--allow-long)")
     parser.add_argument("--allow-long", action="store_true",
                         help="allow --max-len past the model's max_position_embeddings (warned)")
-    parser.add_argument("--drop-long", action="store_true",
-                        help="drop examples longer than --max-len (default: truncate); counted")
-    parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip and count malformed lines instead of stopping at the first")
+    add_reading_args(parser)
     parser.add_argument("--batch-size", type=int, default=8,
                         help=f"{unit} per micro-batch (default 8)")
     parser.add_argument("--grad-accum", type=int, default=1,
@@ -87,6 +88,14 @@ def add_train_args(parser: argparse.ArgumentParser, unit: str, max_len: int, lr:
     add_mesh_args(parser)
 
 
+def add_reading_args(parser: argparse.ArgumentParser) -> None:
+    """How JSONL lines that do not fit are handled (train/data.py), for sft, dpo and tokenize."""
+    parser.add_argument("--drop-long", action="store_true",
+                        help="drop examples longer than --max-len (default: truncate); counted")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip and count malformed lines instead of stopping at the first")
+
+
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
     """LoRA: train adapters on a frozen base instead of every weight (train/trainer.py)."""
     from qwen2_jax.lora import TARGETS
@@ -113,15 +122,20 @@ def run_training(args: argparse.Namespace, args_class, run, fields: tuple[str, .
     summary as one JSON line."""
 
     def train() -> int:
+        import jax
+
+        from qwen2_jax import sharding
         from qwen2_jax.train.trainer import TrainingFailed
 
         args.model = model_path(args.model)
-        require_path("--data", args.data, "JSONL file")
-        require_path("--eval-data", args.eval_data, "JSONL file")
+        require_path("--data", args.data, "JSONL file or tokenize folder")
+        require_path("--eval-data", args.eval_data, "JSONL file or tokenize folder")
         # with --reference-free, --ref-model is the error to report
         if getattr(args, "ref_model", None) is not None and not args.reference_free:
             args.ref_model = model_path(args.ref_model, "--ref-model")
         mesh, rules = mesh_from_args(args)
+        if mesh is None and jax.process_count() > 1:  # a job's processes share one mesh
+            mesh = sharding.make_mesh()
         options = args_class(**{k: getattr(args, k) for k in fields},
                              overflow="drop" if args.drop_long else "truncate",
                              progress=not args.no_progress)
